@@ -1,0 +1,69 @@
+"""The base of every method's config: Hugging Face PEFT field names, strict options, JSON round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+from typing import Any, ClassVar
+
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+class ConfigError(ValueError):
+    """A config option has a value that cannot work; the message says which and how to fix it."""
+
+
+def strict_options(cls):
+    """Class decorator for a config dataclass: an unknown keyword is a one-line error naming the closest option."""
+    init = cls.__init__
+    known = {f.name for f in dataclasses.fields(cls)}
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = [cls.option_hints[name]] if name in cls.option_hints else difflib.get_close_matches(
+                    name, known, n=1, cutoff=0.4)
+                hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"{cls.__name__} got unknown option(s) {', '.join(hints)}; "
+                              f"known options: {', '.join(sorted(known))}")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@dataclasses.dataclass
+class PeftConfig:
+    """Fields every Hugging Face PEFT config has; subclasses add their method's options."""
+
+    peft_type: ClassVar[str] = ""
+    option_hints: ClassVar[dict[str, str]] = {}  # common misspellings -> the option meant
+
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self):
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ConfigError(f"task_type={self.task_type!r} is unknown; use one of {', '.join(TASK_TYPES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as the JSON-ready dict of HF PEFT's ``adapter_config.json``."""
+        fields = dataclasses.asdict(self)
+        fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in fields.items()}
+        return {"peft_type": self.peft_type, **fields}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def check(condition: bool, message: str) -> None:
+    """Raises ``ConfigError(message)`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(message)

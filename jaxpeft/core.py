@@ -1,0 +1,369 @@
+"""The functional PEFT core: create adapter leaves, rewrite an apply function, mask, merge.
+
+A method (LoRA, IA3, ...) stores its leaves inside the parameters of the layer it adapts, keyed by method and
+adapter name (``params/<layer path>/lora_A/<adapter>``). Kept in the ``params`` collection, they are stacked,
+sliced and sharded by ``nn.scan``/``nn.vmap``/``nn.remat`` exactly like the layer's own kernel, so any linen model
+works unchanged. ``rewrite`` wraps the apply function in a method interceptor opened *inside* the wrapped
+function, so every trace of the rewritten apply sees the adapters and the original apply never does.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import optax
+
+from jaxpeft import _targets
+from jaxpeft._tracing import Layer, Trace, trace_layers
+from jaxpeft.config import PeftConfig
+from jaxpeft.tree import ADAPTER_KEYS, SAVED_MODULES_KEY, adapter_names, flatten, strip_adapters, unflatten_like
+
+Path = tuple[str, ...]
+
+
+class AdapterError(ValueError):
+    """Variables and adapter do not fit together (missing adapter, duplicate name, wrong shapes, ...)."""
+
+
+class Method(Protocol):
+    """What a PEFT method provides to the core. Each method file defines one as ``METHOD``."""
+
+    leaf_keys: tuple[str, ...]
+
+    def create(self, key: jax.Array, config: Any, trace: Trace, dtype: Any) -> dict[tuple[Path, str], Any]:
+        """The new leaves, ``{(layer path, leaf key): stacked array}``, for the layers the config targets."""
+
+    def interceptor(self, config: Any, adapter_name: str, dropout: bool) -> Callable:
+        """A ``flax.linen.intercept_methods`` interceptor that applies the adapter named ``adapter_name``."""
+
+    def merge_layer(self, config: Any, layer_params: dict, leaves: dict, sign: float) -> dict:
+        """The layer's parameters with the adapter added (``sign=1``) or taken out again (``sign=-1``)."""
+
+    def trainable_keys(self, config: Any) -> tuple[str, ...]:
+        """Keys of the leaves that train."""
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(peft_type: str, method: Method) -> None:
+    """Makes ``method`` the implementation of configs whose ``peft_type`` is ``peft_type``."""
+    _METHODS[peft_type] = method
+
+
+def method_for(config: PeftConfig) -> Method:
+    if not isinstance(config, PeftConfig) or config.peft_type not in _METHODS:
+        raise TypeError(f"expected a jaxpeft config such as LoraConfig, got {type(config).__name__}")
+    return _METHODS[config.peft_type]
+
+
+def _check_apply_fn(apply_fn: Callable) -> None:
+    if hasattr(apply_fn, "lower") and hasattr(apply_fn, "eval_shape"):
+        raise TypeError("pass the un-jitted apply function (e.g. model.apply) and jit what jaxpeft returns: a "
+                        "jitted function reuses traces made without the adapters")
+
+
+def _params(variables: Any) -> Any:
+    if "params" not in variables:
+        raise AdapterError("variables have no 'params' collection; pass what model.init returned")
+    return variables["params"]
+
+
+def init_adapters(key: jax.Array, config: PeftConfig, apply_fn: Callable, variables: Any, *sample_args,
+                  adapter_name: str = "default", adapter_dtype: Any = "float32", **sample_kwargs) -> Any:
+    """Adds a new adapter's leaves to ``variables`` and returns the new tree (the input is not changed).
+
+    The targeted layers and their shapes are found by tracing ``apply_fn(variables, *sample_args,
+    **sample_kwargs)`` with ``jax.eval_shape`` (nothing is computed). Adapter leaves are ``adapter_dtype``
+    (float32) whatever the base dtype.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxpeft
+        >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])  # layers named layers_0, layers_2
+        >>> x = jnp.ones((1, 4))
+        >>> variables = model.init(jax.random.key(0), x)
+        >>> config = jaxpeft.LoraConfig(r=2, target_modules=["layers_0"])
+        >>> variables = jaxpeft.init_adapters(jax.random.key(1), config, model.apply, variables, x)
+        >>> variables["params"]["layers_0"]["lora_A"]["default"].shape
+        (4, 2)
+    """
+    method = method_for(config)
+    _check_apply_fn(apply_fn)
+    params = _params(variables)
+    if adapter_name in adapter_names(variables):
+        raise AdapterError(f"an adapter named {adapter_name!r} already exists; pass another adapter_name=")
+    trace = trace_layers(apply_fn, variables, sample_args, sample_kwargs)
+    create_key, _ = jax.random.split(key)
+    new_leaves = method.create(create_key, config, trace, adapter_dtype)
+    flat = flatten(params)
+    for (path, leaf_key), value in new_leaves.items():
+        flat[path + (leaf_key, adapter_name)] = value
+    for path in _saved_module_paths(config, trace):
+        for leaf_path, leaf in list(flat.items()):
+            rel = leaf_path[len(path):]
+            if leaf_path[:len(path)] == path and not any(k in ADAPTER_KEYS for k in rel):
+                flat[path + (SAVED_MODULES_KEY, adapter_name) + rel] = jax.numpy.array(leaf, copy=True)
+    return _with_params(variables, unflatten_like(flat, params))
+
+
+def _with_params(variables: Any, params: Any) -> Any:
+    if isinstance(variables, dict):
+        return {**variables, "params": params}
+    return variables.copy({"params": params})
+
+
+def _saved_module_paths(config: PeftConfig, trace: Trace) -> list[Path]:
+    wanted = getattr(config, "modules_to_save", None)
+    if not wanted:
+        return []
+    found = []
+    for path, virtual in trace.module_virtual_paths.items():
+        if path and any(_targets.matches(name, wanted) for name in virtual.values()):
+            if not any(path[:len(p)] == p for p in found):
+                found.append(path)
+    missing = [m for m in wanted if not any(_targets.matches(n, [m]) for p in found
+                                            for n in trace.module_virtual_paths[p].values())]
+    if missing:
+        raise AdapterError(f"modules_to_save {missing} matched no module; modules that exist: "
+                           f"{trace.existing_paths()}")
+    return found
+
+
+def _swap_saved_modules(variables: Any, adapter_name: str) -> Any:
+    """The variables with each module in modules_to_save replaced by the adapter's trained copy."""
+    flat = flatten(_params(variables))
+    marker = (SAVED_MODULES_KEY, adapter_name)
+    copies = {}
+    for path, leaf in flat.items():
+        for i in range(len(path) - 1):
+            if path[i:i + 2] == marker:
+                copies[path[:i] + path[i + 2:]] = leaf
+                break
+    if not copies:
+        return variables
+    flat.update(copies)
+    return _with_params(variables, unflatten_like(flat, variables["params"]))
+
+
+def _dropout_requested(kwargs: dict) -> bool:
+    rngs = kwargs.get("rngs") or {}
+    deterministic = kwargs.get("deterministic", False) or kwargs.get("train", True) is False
+    return "dropout" in rngs and not deterministic
+
+
+def rewrite(apply_fn: Callable, config: PeftConfig | dict[str, PeftConfig]) -> Callable:
+    """Returns ``apply_fn`` rewritten to use adapters: same signature plus a keyword ``adapter_name``.
+
+    ``config`` is one config (its adapter is named ``"default"``) or a dict ``{adapter name: config}``; the
+    first name is the active one unless the call passes ``adapter_name=`` (``None`` runs the plain base model).
+    The result is a pure function: jit it (with ``static_argnames="adapter_name"`` to switch adapters in a
+    jitted call), differentiate it, vmap it. Adapter dropout runs when the call passes a
+    ``'dropout'`` rng and not ``deterministic=True``/``train=False``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxpeft
+        >>> model = nn.Dense(3)
+        >>> x = jnp.ones((1, 4))
+        >>> config = jaxpeft.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
+        >>> variables = jaxpeft.init_adapters(jax.random.key(0), config, model.apply,
+        ...                                   model.init(jax.random.key(1), x), x)
+        >>> adapted = jax.jit(jaxpeft.rewrite(model.apply, config))
+        >>> bool(jnp.allclose(adapted(variables, x), model.apply(variables, x)))
+        False
+        >>> bool(jnp.array_equal(adapted(variables, x, adapter_name=None), model.apply(variables, x)))
+        True
+    """
+    _check_apply_fn(apply_fn)
+    configs = {"default": config} if isinstance(config, PeftConfig) else dict(config)
+    if not configs:
+        raise ValueError("rewrite needs at least one config")
+    for each in configs.values():
+        method_for(each)
+    first_name = next(iter(configs))
+
+    @functools.wraps(apply_fn)
+    def adapted_apply(variables, *args, adapter_name: str | None = first_name, **kwargs):
+        if adapter_name is None:
+            return apply_fn(variables, *args, **kwargs)
+        if adapter_name not in configs:
+            raise AdapterError(f"no config for adapter {adapter_name!r}; this apply knows {sorted(configs)}")
+        present = adapter_names(variables)
+        if adapter_name not in present:
+            raise AdapterError(f"the variables lack adapter {adapter_name!r} (they hold {present or 'none'}); "
+                               "create it with jaxpeft.init_adapters first")
+        active = configs[adapter_name]
+        dropout = getattr(active, "lora_dropout", 0.0) > 0 and _dropout_requested(kwargs)
+        interceptor = method_for(active).interceptor(active, adapter_name, dropout)
+        with nn.intercept_methods(interceptor):
+            return apply_fn(_swap_saved_modules(variables, adapter_name), *args, **kwargs)
+
+    return adapted_apply
+
+
+def trainable_mask(variables: Any, config: PeftConfig, adapter_name: str = "default") -> Any:
+    """A bool tree like ``variables``: True for the leaves that train for this adapter.
+
+    These are the method's adapter leaves, the adapter's copies of ``modules_to_save``, and the biases that the
+    ``bias`` option ("all" or "lora_only") sets training.
+    """
+    method = method_for(config)
+    keys = set(method.trainable_keys(config))
+    bias = getattr(config, "bias", "none")
+    flat = flatten(variables)
+    adapted = {path[:i] for path in flat for i in range(len(path) - 1)
+               if path[i] in method.leaf_keys and path[i + 1] == adapter_name}
+
+    def trains(path: Path) -> bool:
+        if path[0] != "params":
+            return False
+        for i in range(len(path) - 1):
+            if path[i] in ADAPTER_KEYS:
+                return path[i + 1] == adapter_name and (path[i] in keys or path[i] == SAVED_MODULES_KEY)
+        if path[-1] == "bias":
+            return bias == "all" or (bias == "lora_only" and path[:-1] in adapted)
+        return False
+
+    if adapter_name not in adapter_names(variables):
+        raise AdapterError(f"the variables lack adapter {adapter_name!r} (they hold "
+                           f"{adapter_names(variables) or 'none'})")
+    return unflatten_like({path: trains(path) for path in flat}, variables)
+
+
+def freeze(optimizer: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
+    """``optimizer`` for the leaves ``mask`` marks True; every other leaf gets a zero update, always.
+
+    ``optax.masked`` alone passes the raw gradient through for masked-out leaves; this does not. No optimizer
+    state is kept for frozen leaves.
+
+    Example:
+        >>> import jax.numpy as jnp, optax, jaxpeft
+        >>> params = {"w": jnp.ones(2), "lora": jnp.ones(2)}
+        >>> tx = jaxpeft.freeze(optax.sgd(1.0), {"w": False, "lora": True})
+        >>> updates, _ = tx.update({"w": jnp.ones(2), "lora": jnp.ones(2)}, tx.init(params), params)
+        >>> updates["w"].tolist(), updates["lora"].tolist()
+        ([0.0, 0.0], [-1.0, -1.0])
+    """
+    labels = jax.tree_util.tree_map(lambda trains: "trainable" if trains else "frozen", mask)
+    return optax.multi_transform({"trainable": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+
+def _layer_groups(variables: Any, adapter_name: str, leaf_keys: tuple[str, ...]) -> dict[Path, dict[str, Any]]:
+    """``{layer path: {leaf key: leaf}}`` for the layers holding the named adapter."""
+    groups: dict[Path, dict[str, Any]] = {}
+    for path, leaf in flatten(_params(variables)).items():
+        if len(path) >= 2 and path[-1] == adapter_name and path[-2] in leaf_keys and leaf is not None:
+            groups.setdefault(path[:-2], {})[path[-2]] = leaf
+    return groups
+
+
+def _apply_to_layers(variables: Any, config: PeftConfig, adapters: Any, adapter_name: str, sign: float) -> Any:
+    method = method_for(config)
+    if not hasattr(method, "merge_layer"):
+        raise AdapterError(f"{config.peft_type} adapters cannot be merged into the base weights")
+    groups = _layer_groups(adapters, adapter_name, method.leaf_keys)
+    if not groups:
+        raise AdapterError(f"no adapter {adapter_name!r} to merge (adapters present: "
+                           f"{adapter_names(adapters) or 'none'})")
+    flat = flatten(_params(variables))
+    for path, leaves in groups.items():
+        missing = [key for key in method.leaf_keys if key not in leaves]
+        if missing:
+            raise AdapterError(f"adapter {adapter_name!r} at {'.'.join(path)} lacks {', '.join(missing)}; pass the "
+                               "whole variables tree that holds the adapter")
+        layer_params = {p[-1]: leaf for p, leaf in flat.items() if p[:-1] == path}
+        if not layer_params:
+            raise AdapterError(f"layer {'.'.join(path)} of the adapter is not in the variables")
+        for name, leaf in method.merge_layer(config, layer_params, leaves, sign).items():
+            flat[path + (name,)] = leaf
+    return _with_params(variables, unflatten_like(flat, variables["params"]))
+
+
+def merge(variables: Any, config: PeftConfig, adapter_name: str = "default") -> Any:
+    """The plain base variables with the named adapter folded into the weights (computed in float32).
+
+    Every adapter leaf is dropped from the result, and modules in ``modules_to_save`` take the adapter's
+    trained copies: the result runs with the original, un-rewritten apply.
+    """
+    merged = _apply_to_layers(variables, config, variables, adapter_name, 1.0)
+    return strip_adapters(_swap_saved_modules(merged, adapter_name))
+
+
+def unmerge(merged_variables: Any, adapters: Any, config: PeftConfig, adapter_name: str = "default") -> Any:
+    """Undoes ``merge``: takes the adapter out of the merged weights and puts its leaves back.
+
+    ``adapters`` is any tree holding the adapter's leaves (e.g. the trainable half from ``partition``, or the
+    variables that were merged). Modules in ``modules_to_save`` get their original weights back from
+    ``adapters`` when it holds them.
+    """
+    if adapter_name in adapter_names(merged_variables):
+        raise AdapterError(f"adapter {adapter_name!r} is not merged into these variables (they still hold its "
+                           "leaves); unmerge takes what merge() returned")
+    base = _apply_to_layers(merged_variables, config, adapters, adapter_name, -1.0)
+    flat = flatten(base)
+    for path, leaf in flatten(adapters).items():
+        if any(key in ADAPTER_KEYS for key in path) and leaf is not None:
+            flat[path] = leaf
+    saved = {path[:i] for path in flatten(adapters) for i in range(len(path))
+             if path[i:i + 2] == (SAVED_MODULES_KEY, adapter_name)}
+    for module_path in saved:
+        originals = {p: leaf for p, leaf in flatten(adapters).items()
+                     if p[:len(module_path)] == module_path and leaf is not None
+                     and not any(k in ADAPTER_KEYS for k in p[len(module_path):])}
+        if not originals:
+            raise AdapterError(f"the original weights of {'.'.join(module_path[1:])} (in modules_to_save) are "
+                               "not in `adapters`; pass the variables that were merged")
+        flat.update(originals)
+    return unflatten_like(flat, merged_variables)
+
+
+def resolve_layers(config: Any, trace: Trace, kinds: tuple[str, ...], *, method_name: str) -> dict[Path, Layer]:
+    """The layers a config's ``target_modules`` (and ``exclude_modules``, ``layers_to_transform``,
+    ``modules_to_save``) select, each with the stack indices it applies to (``Layer.virtual_paths`` restricted).
+
+    Raises a one-line error when nothing matches (listing the modules that exist) or when a matched module is
+    of a type the method cannot adapt.
+    """
+    targets = config.target_modules
+    if targets is None:
+        raise AdapterError(f"{method_name} needs target_modules for this model (e.g. target_modules=['query', "
+                           f"'value'] or 'all-linear'); modules that exist: {trace.existing_paths()}")
+    all_linear = targets == "all-linear"
+
+    def targeted(name: str, layer: Layer | None) -> bool:
+        if _targets.matches(name, getattr(config, "exclude_modules", None)):
+            return False
+        if _targets.is_saved_module(name, getattr(config, "modules_to_save", None)):
+            return False
+        if all_linear:
+            return layer is not None and layer.kind in ("dense", "dense_general", "einsum") and not layer.is_output
+        if not _targets.matches(name, targets):
+            return False
+        if isinstance(targets, str):
+            return True
+        return _targets.in_layers(name, config.layers_to_transform, getattr(config, "layers_pattern", None))
+
+    selected: dict[Path, Layer] = {}
+    unsupported: list[str] = []
+    for path, virtual in trace.module_virtual_paths.items():
+        layer = trace.layers.get(path)
+        hits = {index: name for index, name in virtual.items() if (path or layer) and targeted(name, layer)}
+        if not hits:
+            continue
+        if layer is None or layer.kind not in kinds:
+            kind = trace.module_types[path] if layer is None else type(layer.module).__name__
+            unsupported.append(f"{hits[next(iter(hits))]!r} (a {kind})")
+            continue
+        selected[path] = Layer(layer.path, layer.kind, layer.module, layer.kernel_shape, layer.kernel_dtype,
+                               layer.input_ndim, layer.stack_shape, hits, layer.is_output)
+    # A regex may also match the modules that contain layers; a listed name must be a layer.
+    if unsupported and (not selected or not isinstance(targets, str)):
+        raise AdapterError(f"target_modules matched {', '.join(unsupported[:3])}, which {method_name} cannot adapt; "
+                           f"it adapts {', '.join(kinds)} layers: narrow target_modules")
+    if not selected:
+        raise AdapterError(f"target_modules={targets!r} matched no layer; modules that exist: "
+                           f"{trace.existing_paths()}")
+    return selected

@@ -1,0 +1,310 @@
+"""LoRA: a layer's output plus ``scaling * B(A(dropout(x)))``, with low-rank A and B (Hu et al., 2021).
+
+Leaves kept in an adapted layer's parameters, for adapter ``name``:
+
+- ``lora_A/<name>``: ``(*stack, *input axes, r)``: the kernel's input axes (all of them for DenseGeneral and
+  Einsum, kernel window and input channels for Conv, the vocabulary for Embed) map to the rank;
+- ``lora_B/<name>``: ``(*stack, r, *output axes)``;
+- ``lora_scaling/<name>``: ``(*stack,)`` float32, ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) per layer, 0 where
+  ``layers_to_transform`` leaves a layer of a scanned stack alone. A constant, never trained.
+
+``A`` is the transpose of HF PEFT's ``lora_A.weight`` ([r, in]) and ``B`` that of ``lora_B.weight`` ([out, r]).
+The forward pass never forms ``W + BA``: that would cost a full-size weight gradient in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpeft import _targets
+from jaxpeft._tracing import Layer, Trace, layer_kind
+from jaxpeft.config import PeftConfig, check, strict_options
+from jaxpeft.core import AdapterError, register_method, resolve_layers
+from jaxpeft.tree import register_adapter_keys
+
+INIT_OPTIONS = (True, False, "gaussian")
+BIAS_OPTIONS = ("none", "all", "lora_only")
+KINDS = ("dense", "dense_general", "embed", "conv", "einsum")
+
+
+@strict_options
+@dataclasses.dataclass
+class LoraConfig(PeftConfig):
+    """LoRA options, with HF PEFT's names and defaults.
+
+    Attributes:
+        r: the rank.
+        lora_alpha: scaling numerator: the update is scaled by ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+        lora_dropout: dropout probability on the adapter's input (``'dropout'`` rng stream).
+        target_modules: module names or dotted path suffixes (list), a full-match regex on the dotted path
+            (string), or ``"all-linear"`` (every Dense/DenseGeneral/Einsum except the output head).
+        exclude_modules: the same forms, for modules to leave alone.
+        bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"`` (the biases of adapted layers).
+        use_rslora: scale by ``lora_alpha / sqrt(r)``.
+        modules_to_save: modules trained in full (e.g. a new classification head), as adapter-owned copies.
+        init_lora_weights: True (kaiming-uniform A, zero B: the model starts unchanged), ``"gaussian"``
+            (A ~ N(0, (1/r)^2), zero B) or False (B random too: for tests).
+        layers_to_transform: layer indices (the first numbered path segment) to adapt, with list targets.
+        layers_pattern: the name of the layer list whose index counts (e.g. ``"layers"``).
+        rank_pattern / alpha_pattern: ``{regex: value}`` per-module overrides of ``r`` / ``lora_alpha``.
+
+    Example:
+        >>> import jaxpeft
+        >>> jaxpeft.LoraConfig(r=16, lora_alpha=32, target_modules=["query", "value"]).r
+        16
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+    option_hints: ClassVar[dict[str, str]] = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: str | Sequence[str] | None = None
+    exclude_modules: str | Sequence[str] | None = None
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: Sequence[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got r={self.r!r}")
+        check(self.lora_alpha > 0, f"lora_alpha must be positive, got lora_alpha={self.lora_alpha!r}")
+        check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got lora_dropout={self.lora_dropout!r}")
+        check(self.bias in BIAS_OPTIONS, f"bias={self.bias!r} is unknown; use one of {', '.join(BIAS_OPTIONS)}")
+        check(self.init_lora_weights in INIT_OPTIONS,
+              f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or 'gaussian'")
+        check(not self.use_dora, "use_dora=True is not supported yet; use plain LoRA (use_dora=False)")
+        check(not self.lora_bias, "lora_bias=True is not supported; use lora_bias=False")
+        for key, rank in self.rank_pattern.items():
+            check(isinstance(rank, int) and rank > 0, f"rank_pattern[{key!r}]={rank!r} must be a positive integer")
+        for key, alpha in self.alpha_pattern.items():
+            check(alpha > 0, f"alpha_pattern[{key!r}]={alpha!r} must be positive")
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                value = list(value)
+                check(all(isinstance(v, str) for v in value), f"{name} must hold module names (strings)")
+                setattr(self, name, value)
+        if self.layers_to_transform is not None and not isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [int(i) for i in self.layers_to_transform]
+
+    def rank_for(self, name: str) -> int:
+        """The rank of the module at dotted path ``name``."""
+        return _targets.pattern_value(name, self.rank_pattern, self.r)
+
+    def scaling_for(self, name: str) -> float:
+        """The scaling of the module at dotted path ``name``: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        rank = self.rank_for(name)
+        alpha = _targets.pattern_value(name, self.alpha_pattern, self.lora_alpha)
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+LoRAConfig = LoraConfig
+
+
+# ----- shapes: which kernel axes are inputs and which are outputs -----
+
+def _einsum_axes(module: nn.Einsum) -> tuple[str, str, str, str, str]:
+    """Splits an Einsum's spec: (input spec, kernel spec, output spec, kernel input letters, kernel output letters)."""
+    spec = module.einsum_str.replace(" ", "")
+    inputs, out = spec.split("->")
+    x_spec, k_spec = inputs.split(",")
+    in_letters = "".join(c for c in k_spec if c in x_spec and c not in out)
+    out_letters = "".join(c for c in k_spec if c in out and c not in x_spec)
+    if k_spec != in_letters + out_letters:
+        raise AdapterError(f"LoRA cannot adapt Einsum {spec!r}: its kernel axes must be the contracted ones "
+                           "followed by the output ones (e.g. 'btd,dnh->btnh'); exclude this layer")
+    return x_spec, k_spec, out, in_letters, out_letters
+
+
+def _split_kernel(layer: Layer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(input axes, output axes) of one layer's kernel, as LoRA's A and B see them."""
+    shape, module = layer.kernel_shape, layer.module
+    if layer.kind in ("dense", "embed"):
+        return shape[:1], shape[1:]
+    if layer.kind == "dense_general":
+        if tuple(module.batch_dims):
+            raise AdapterError(f"LoRA cannot adapt DenseGeneral {layer.name} with batch_dims; drop batch_dims or "
+                               "exclude the layer")
+        n_in = len(module.axis) if isinstance(module.axis, Sequence) else 1
+        return shape[:n_in], shape[n_in:]
+    if layer.kind == "conv":
+        if module.feature_group_count != 1:
+            raise AdapterError(f"LoRA cannot adapt grouped Conv {layer.name}; exclude it from target_modules")
+        return shape[:-1], shape[-1:]
+    _, k_spec, _, in_letters, out_letters = _einsum_axes(module)
+    size = dict(zip(k_spec, shape, strict=True))
+    return tuple(size[c] for c in in_letters), tuple(size[c] for c in out_letters)
+
+
+# ----- create -----
+
+def _create_layer(key: jax.Array, config: LoraConfig, layer: Layer, dtype: Any) -> dict[str, jax.Array]:
+    in_axes, out_axes = _split_kernel(layer)
+    ranks = {config.rank_for(name) for name in layer.virtual_paths.values()}
+    scalings = {index: config.scaling_for(name) for index, name in layer.virtual_paths.items()}
+    if len(ranks) > 1:
+        raise AdapterError(f"rank_pattern gives the stacked layers {layer.name} different ranks {sorted(ranks)}; "
+                           "a scanned stack needs one rank (or load the model without scanned layers)")
+    rank = ranks.pop()
+    stack = layer.stack_shape
+    a_shape, b_shape = stack + in_axes + (rank,), stack + (rank,) + out_axes
+    key_a, key_b = jax.random.split(key)
+    fan_in = int(np.prod(in_axes))
+    if layer.kind == "embed":
+        a = jax.random.normal(key_a, a_shape, dtype) if config.init_lora_weights is False else jnp.zeros(a_shape, dtype)
+        b = jax.random.normal(key_b, b_shape, dtype)
+    else:
+        if config.init_lora_weights == "gaussian":
+            a = jax.random.normal(key_a, a_shape, dtype) / rank
+        else:
+            bound = 1.0 / math.sqrt(fan_in)
+            a = jax.random.uniform(key_a, a_shape, dtype, -bound, bound)
+        if config.init_lora_weights is False:
+            bound = 1.0 / math.sqrt(rank)
+            b = jax.random.uniform(key_b, b_shape, dtype, -bound, bound)
+        else:
+            b = jnp.zeros(b_shape, dtype)
+    scaling = np.zeros(stack, np.float32)
+    for index, value in scalings.items():
+        scaling[index] = value
+    if len(scalings) < int(np.prod(stack)):
+        # Layers of a stack that layers_to_transform leaves alone: zero A and B stay zero under any optimizer.
+        active = (scaling != 0).reshape(stack + (1,) * (len(a_shape) - len(stack)))
+        a = jnp.where(active, a, 0)
+        b = jnp.where(active.reshape(stack + (1,) * (len(b_shape) - len(stack))), b, 0)
+    return {"lora_A": a, "lora_B": b, "lora_scaling": jnp.asarray(scaling)}
+
+
+def create(key: jax.Array, config: LoraConfig, trace: Trace, dtype: Any) -> dict[tuple[tuple[str, ...], str], Any]:
+    """LoRA leaves for every layer ``config`` targets in the traced model."""
+    layers = resolve_layers(config, trace, KINDS, method_name="LoRA")
+    leaves = {}
+    for i, (path, layer) in enumerate(sorted(layers.items())):
+        for leaf_key, value in _create_layer(jax.random.fold_in(key, i), config, layer, dtype).items():
+            leaves[(path, leaf_key)] = value
+    return leaves
+
+
+# ----- forward -----
+
+def _project(kind: str, module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``B(A(x))`` for one layer, shaped like the layer's output."""
+    if kind == "dense":
+        return (x @ a) @ b
+    if kind == "embed":
+        return jnp.take(a, x, axis=0) @ b
+    if kind == "dense_general":
+        axes = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
+        axes = tuple(ax % x.ndim for ax in axes)
+        hidden = jnp.tensordot(x, a, axes=(axes, tuple(range(len(axes)))))
+        return jnp.tensordot(hidden, b, axes=1)
+    if kind == "conv":
+        down = nn.Conv(features=a.shape[-1], kernel_size=module.kernel_size, strides=module.strides,
+                       padding=module.padding, input_dilation=module.input_dilation,
+                       kernel_dilation=module.kernel_dilation, use_bias=False, dtype=x.dtype,
+                       precision=module.precision)
+        return down.apply({"params": {"kernel": a}}, x) @ b
+    x_spec, _, out_spec, in_letters, out_letters = _einsum_axes(module)
+    rank_letter = next(c for c in "zyxwvutsrqponmlkjihgfedcba" if c not in x_spec + out_spec)
+    hidden_spec = "".join(c for c in x_spec if c not in in_letters) + rank_letter
+    hidden = jnp.einsum(f"{x_spec},{in_letters}{rank_letter}->{hidden_spec}", x, a)
+    return jnp.einsum(f"{hidden_spec},{rank_letter}{out_letters}->{out_spec}", hidden, b)
+
+
+def interceptor(config: LoraConfig, adapter_name: str, dropout: bool):
+    """Adds the named adapter's update to each adapted layer's output."""
+    busy = []
+
+    def adapt(next_fun, args, kwargs, context):
+        module = context.module
+        kind = layer_kind(module)
+        if (busy or kind is None or context.method_name != "__call__"
+                or not module.has_variable("params", "lora_A")):
+            return next_fun(*args, **kwargs)
+        a_by_name = module.get_variable("params", "lora_A")
+        if adapter_name not in a_by_name:
+            return next_fun(*args, **kwargs)
+        out = next_fun(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))
+        a = nn.meta.unbox(a_by_name[adapter_name])
+        b = nn.meta.unbox(module.get_variable("params", "lora_B")[adapter_name])
+        scaling = nn.meta.unbox(module.get_variable("params", "lora_scaling")[adapter_name])
+        kernel = nn.meta.unbox(module.get_variable("params", "embedding" if kind == "embed" else "kernel"))
+        if a.shape[:-1] + b.shape[1:] != kernel.shape or a.shape[-1] != b.shape[0]:
+            raise AdapterError(f"adapter {adapter_name!r} at {'.'.join(module.path)} has lora_A {a.shape} and "
+                               f"lora_B {b.shape}, which do not fit the layer's weight {kernel.shape}: the adapter "
+                               "was made for another model")
+        compute_dtype = out.dtype
+        if kind != "embed":
+            x = x.astype(compute_dtype)
+            if dropout:
+                keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - config.lora_dropout, x.shape)
+                x = jnp.where(keep, x / (1.0 - config.lora_dropout), 0).astype(compute_dtype)
+        busy.append(True)
+        try:
+            update = _project(kind, module, x, a.astype(compute_dtype), b.astype(compute_dtype))
+        finally:
+            busy.pop()
+        return out + scaling.astype(compute_dtype) * update
+
+    return adapt
+
+
+# ----- merge -----
+
+def delta_weight(a: jax.Array, b: jax.Array, scaling: jax.Array) -> jax.Array:
+    """``scaling * A B`` in float32, shaped ``(*stack, *input axes, *output axes)``: the layer's kernel layout."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    stack = scaling.shape
+    rank = a.shape[-1]
+    in_axes, out_axes = a.shape[len(stack):-1], b.shape[len(stack) + 1:]
+    product = (a.reshape(stack + (-1, rank)) @ b.reshape(stack + (rank, -1))).reshape(stack + in_axes + out_axes)
+    return scaling.astype(jnp.float32).reshape(stack + (1,) * (product.ndim - len(stack))) * product
+
+
+def merge_layer(config: LoraConfig, layer_params: dict, leaves: dict, sign: float) -> dict:
+    """The layer's kernel (or embedding table) plus ``sign * scaling * A B``, computed in float32."""
+    kernel_name = "embedding" if "embedding" in layer_params else "kernel"
+    kernel = layer_params[kernel_name]
+    value = nn.meta.unbox(kernel)
+    a, b, scaling = (jnp.asarray(nn.meta.unbox(leaves[k])) for k in ("lora_A", "lora_B", "lora_scaling"))
+    delta = delta_weight(a, b, scaling)
+    if delta.shape != value.shape:
+        raise AdapterError(f"adapter shape {delta.shape} does not fit the layer's {kernel_name} {value.shape}")
+    merged = (value.astype(jnp.float32) + sign * delta).astype(value.dtype)
+    return {kernel_name: kernel.replace_boxed(merged) if isinstance(kernel, nn.meta.AxisMetadata) else merged}
+
+
+class _LoraMethod:
+    leaf_keys = ("lora_A", "lora_B", "lora_scaling")
+
+    create = staticmethod(create)
+    interceptor = staticmethod(interceptor)
+    merge_layer = staticmethod(merge_layer)
+
+    @staticmethod
+    def trainable_keys(config):
+        return ("lora_A", "lora_B")
+
+
+METHOD = _LoraMethod()
+register_method(LoraConfig.peft_type, METHOD)
+register_adapter_keys(("lora_A", "lora_B"), constant=("lora_scaling",))

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs jaxpeft with its test dependencies, lints, and runs the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/setup.sh test
+python -m ruff check jaxpeft tests benchmarks
+python -m pytest -q "$@"

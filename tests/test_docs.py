@@ -1,0 +1,37 @@
+"""The examples in the docstrings and in README.md run and print what they claim."""
+
+import doctest
+import importlib
+import pathlib
+import re
+
+import pytest
+
+MODULES = ["jaxpeft.core", "jaxpeft.tree", "jaxpeft.methods.lora"]
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_readme_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README.md has no python example"
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)
+
+
+def test_notebooks_run():
+    import json
+
+    notebooks = sorted((README.parent / "notebooks").glob("*.ipynb"))
+    assert notebooks
+    for path in notebooks:
+        namespace: dict = {}
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] == "code":
+                exec(compile("".join(cell["source"]), str(path), "exec"), namespace)
