@@ -33,6 +33,7 @@ from jaxpeft.tree import register_adapter_keys
 INIT_OPTIONS = (True, False, "gaussian")
 BIAS_OPTIONS = ("none", "all", "lora_only")
 KINDS = ("dense", "dense_general", "embed", "conv", "einsum")
+_RANK = "\u03c1"  # the rank axis in einsum specs: a letter no layer spec uses
 
 
 @strict_options
@@ -205,28 +206,34 @@ def create(key: jax.Array, config: LoraConfig, trace: Trace, dtype: Any) -> dict
 
 # ----- forward -----
 
-def _project(kind: str, module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-    """``B(A(x))`` for one layer, shaped like the layer's output."""
+def _down(kind: str, module: nn.Module, x: jax.Array, a: jax.Array) -> jax.Array:
+    """``A(x)``: the layer's input projected to the rank, which becomes the last axis."""
     if kind == "dense":
-        return (x @ a) @ b
+        return x @ a
     if kind == "embed":
-        return jnp.take(a, x, axis=0) @ b
+        return jnp.take(a, x, axis=0)
     if kind == "dense_general":
         axes = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
         axes = tuple(ax % x.ndim for ax in axes)
-        hidden = jnp.tensordot(x, a, axes=(axes, tuple(range(len(axes)))))
-        return jnp.tensordot(hidden, b, axes=1)
+        return jnp.tensordot(x, a, axes=(axes, tuple(range(len(axes)))))
     if kind == "conv":
-        down = nn.Conv(features=a.shape[-1], kernel_size=module.kernel_size, strides=module.strides,
-                       padding=module.padding, input_dilation=module.input_dilation,
-                       kernel_dilation=module.kernel_dilation, use_bias=False, dtype=x.dtype,
-                       precision=module.precision)
-        return down.apply({"params": {"kernel": a}}, x) @ b
+        window = nn.Conv(features=a.shape[-1], kernel_size=module.kernel_size, strides=module.strides,
+                         padding=module.padding, input_dilation=module.input_dilation,
+                         kernel_dilation=module.kernel_dilation, use_bias=False, dtype=x.dtype,
+                         precision=module.precision)
+        return window.apply({"params": {"kernel": a}}, x)
+    x_spec, _, _, in_letters, _ = _einsum_axes(module)
+    kept = "".join(c for c in x_spec if c not in in_letters)
+    return jnp.einsum(f"{x_spec},{in_letters}{_RANK}->{kept}{_RANK}", x, a)
+
+
+def _up(kind: str, module: nn.Module, hidden: jax.Array, b: jax.Array) -> jax.Array:
+    """``B(hidden)``, shaped like the layer's output."""
+    if kind != "einsum":
+        return jnp.tensordot(hidden, b, axes=1)
     x_spec, _, out_spec, in_letters, out_letters = _einsum_axes(module)
-    rank_letter = next(c for c in "zyxwvutsrqponmlkjihgfedcba" if c not in x_spec + out_spec)
-    hidden_spec = "".join(c for c in x_spec if c not in in_letters) + rank_letter
-    hidden = jnp.einsum(f"{x_spec},{in_letters}{rank_letter}->{hidden_spec}", x, a)
-    return jnp.einsum(f"{hidden_spec},{rank_letter}{out_letters}->{out_spec}", hidden, b)
+    kept = "".join(c for c in x_spec if c not in in_letters)
+    return jnp.einsum(f"{kept}{_RANK},{_RANK}{out_letters}->{out_spec}", hidden, b)
 
 
 def interceptor(config: LoraConfig, adapter_name: str, dropout: bool):
@@ -260,10 +267,12 @@ def interceptor(config: LoraConfig, adapter_name: str, dropout: bool):
                 x = jnp.where(keep, x / (1.0 - config.lora_dropout), 0).astype(compute_dtype)
         busy.append(True)
         try:
-            update = _project(kind, module, x, a.astype(compute_dtype), b.astype(compute_dtype))
+            # Scaling the rank-sized hidden activations costs far less than scaling the output.
+            hidden = _down(kind, module, x, a.astype(compute_dtype)) * scaling.astype(compute_dtype)
+            update = _up(kind, module, hidden, b.astype(compute_dtype))
         finally:
             busy.pop()
-        return out + scaling.astype(compute_dtype) * update
+        return out + update
 
     return adapt
 
