@@ -4,7 +4,7 @@ Both steps are jitted AdamW steps on the same batch; the LoRA step differentiate
 trainable half from ``jaxpeft.partition``). Prints the median step time of each and their ratio
 (target: LoRA / full <= 0.7).
 
-    python benchmarks/lora_vs_full_cpu.py [--hidden 256 --layers 4 --batch 16 --seq 128 --repeats 15]
+    python benchmarks/lora_vs_full_cpu.py [--rank 8] [--repeats 10] [--shape NAME ...]
 """
 
 import argparse
@@ -77,45 +77,47 @@ def median_step_seconds(step, trainable, frozen, state, ids, repeats):
     return statistics.median(times)
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=15)
-    args = parser.parse_args()
-    model = LM(args.vocab, args.hidden, args.heads, args.layers)
-    ids = jax.random.randint(jax.random.key(0), (args.batch, args.seq + 1), 0, args.vocab)
+SHAPES = {  # name: (vocab, hidden, heads, layers, batch, seq)
+    "256 wide, 16x128 tokens": (2048, 256, 4, 4, 16, 128),
+    "512 wide, 8x128 tokens": (2048, 512, 8, 4, 8, 128),
+    "1024 wide, 8x64 tokens": (1024, 1024, 16, 4, 8, 64),
+}
+
+
+def measure(vocab, hidden, heads, layers, batch, seq, rank, repeats):
+    model = LM(vocab, hidden, heads, layers)
+    ids = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, vocab)
     base = model.init(jax.random.key(1), ids[:, :-1])
-    config = jaxpeft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
+    config = jaxpeft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
     variables = jaxpeft.init_adapters(jax.random.key(2), config, model.apply, base, ids[:, :-1])
 
     # LoRA first: the full step donates (and so deletes) the base arrays that both trees share.
     mask = jaxpeft.trainable_mask(variables, config)
-    count = jaxpeft.count_parameters(variables, mask)
+    percent = jaxpeft.count_parameters(variables, mask).percent
     lora_trainable, lora_frozen = jaxpeft.partition(variables, mask)
     optimizer, lora_step = make_step(jaxpeft.rewrite(model.apply, config))
-    lora = median_step_seconds(lora_step, lora_trainable, lora_frozen, optimizer.init(lora_trainable), ids,
-                               args.repeats)
+    lora = median_step_seconds(lora_step, lora_trainable, lora_frozen, optimizer.init(lora_trainable), ids, repeats)
 
-    everything = jax.tree_util.tree_map(lambda _: True, base)
-    full_trainable, full_frozen = jaxpeft.partition(base, everything)
+    full_trainable, full_frozen = jaxpeft.partition(base, jax.tree_util.tree_map(lambda _: True, base))
     optimizer, full_step = make_step(model.apply)
-    full = median_step_seconds(full_step, full_trainable, full_frozen, optimizer.init(full_trainable), ids,
-                               args.repeats)
+    full = median_step_seconds(full_step, full_trainable, full_frozen, optimizer.init(full_trainable), ids, repeats)
+    return full, lora, percent
 
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--shape", choices=sorted(SHAPES), action="append", help="default: all")
+    args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
-          f"on {jax.devices()[0].platform}")
-    print(f"model: {args.layers} layers x {args.hidden} wide, vocab {args.vocab}; batch {args.batch} x {args.seq}; "
-          f"LoRA r={args.rank} on all linear layers ({count.percent:.2f}% trainable)")
-    print(f"{'step':<22}{'median s':>10}")
-    print(f"{'full fine-tuning':<22}{full:>10.4f}")
-    print(f"{'LoRA':<22}{lora:>10.4f}")
-    print(f"LoRA / full = {lora / full:.3f}  (target <= 0.7)")
+          f"on {jax.devices()[0].platform}; 4-layer scanned transformer LM, AdamW, LoRA r={args.rank} on all "
+          "linear layers")
+    print(f"{'shape':<26}{'trainable':>10}{'full s':>10}{'LoRA s':>10}{'LoRA/full':>11}")
+    for name in args.shape or SHAPES:
+        full, lora, percent = measure(*SHAPES[name], args.rank, args.repeats)
+        print(f"{name:<26}{percent:>9.2f}%{full:>10.4f}{lora:>10.4f}{lora / full:>11.3f}")
+    print("target: LoRA/full <= 0.7 (median step times)")
 
 
 if __name__ == "__main__":

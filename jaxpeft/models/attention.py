@@ -1,0 +1,307 @@
+"""Attention and the layer stack shared by the decoder families: masks, prefix key/values, the key/value cache,
+scanned or unrolled layers with optional rematerialisation.
+
+Positions along the key axis are *cache slots*: without a cache the slots are the positions of the sequence
+(``0..T-1``); with a cache of length ``S`` the ``T`` new tokens go to slots ``index..index+T-1``. A query may
+attend to a key when the key's slot is not after its own (causal), lies within the sliding window if there is
+one, and the key is not padding. Prefix key/values (prefix tuning) sit in front of all slots and are always
+attended; they move no position of the real tokens.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> mask = make_attention_mask(jnp.array([[0, 1, 1]]), query_length=3, num_prefix_tokens=2)
+    >>> mask.shape, mask[0, 0, 2].tolist()
+    ((1, 1, 3, 5), [True, True, False, True, True])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+# Per layer {"key": (batch, slots, kv_heads, head_dim), "value": ...}; for scanned layers one such dict whose
+# arrays carry a leading layer axis, otherwise a tuple with one dict per layer.
+LayerCache = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class KVCache:
+    """A preallocated key/value cache and the slot where the next tokens go (same for every row)."""
+
+    layers: Any
+    index: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """What ``init_cache`` needs to know about a decoder; ``module.cache_spec()`` returns it."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    scan_layers: bool
+    dtype: Any = jnp.float32
+
+
+def init_cache(spec: CacheSpec, batch_size: int, max_length: int) -> KVCache:
+    """An empty cache for ``batch_size`` rows of up to ``max_length`` tokens.
+
+    Example:
+        >>> cache = init_cache(CacheSpec(2, 4, 8, scan_layers=True), batch_size=1, max_length=16)
+        >>> cache.layers["key"].shape
+        (2, 1, 16, 4, 8)
+    """
+    shape = (batch_size, max_length, spec.num_kv_heads, spec.head_dim)
+    if spec.scan_layers:
+        shape = (spec.num_layers, *shape)
+        layers = {"key": jnp.zeros(shape, spec.dtype), "value": jnp.zeros(shape, spec.dtype)}
+    else:
+        layers = tuple(
+            {"key": jnp.zeros(shape, spec.dtype), "value": jnp.zeros(shape, spec.dtype)} for _ in range(spec.num_layers)
+        )
+    return KVCache(layers=layers, index=jnp.zeros((), jnp.int32))
+
+
+def layer_caches(cache: KVCache | None, num_layers: int) -> list:
+    """The per-layer caches of an unscanned stack (``None`` for each layer when there is no cache)."""
+    if cache is None:
+        return [None] * num_layers
+    return list(cache.layers)
+
+
+def make_attention_mask(
+    key_mask: jax.Array,
+    query_length: int,
+    *,
+    query_offset: jax.Array | int = 0,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    num_prefix_tokens: int = 0,
+) -> jax.Array:
+    """The boolean mask ``(batch, 1, query_length, num_prefix_tokens + slots)`` of allowed query/key pairs.
+
+    Args:
+        key_mask: ``(batch, slots)``, nonzero where the key slot holds a real token (1 also for empty cache
+            slots, which the causal condition hides until they are written).
+        query_length: number of query tokens; they occupy slots ``query_offset..query_offset+query_length-1``.
+        query_offset: the first query's slot (the cache index when decoding).
+        causal: hide keys in later slots.
+        sliding_window: if set, a query sees only the ``sliding_window`` most recent slots, itself included.
+        num_prefix_tokens: prefix key/values in front of the slots, always visible.
+    """
+    batch_size, num_slots = key_mask.shape
+    query_slots = query_offset + jnp.arange(query_length)[:, None]
+    key_slots = jnp.arange(num_slots)[None, :]
+    allowed = jnp.ones((query_length, num_slots), bool)
+    if causal:
+        allowed &= key_slots <= query_slots
+    if sliding_window is not None:
+        allowed &= query_slots - key_slots < sliding_window
+    mask = allowed[None, None, :, :] & (key_mask[:, None, None, :] != 0)
+    if num_prefix_tokens:
+        prefix = jnp.ones((batch_size, 1, query_length, num_prefix_tokens), bool)
+        mask = jnp.concatenate([prefix, mask], axis=-1)
+    return mask
+
+
+def write_cache(layer_cache: LayerCache, key: jax.Array, value: jax.Array, index: jax.Array):
+    """Writes the new ``key``/``value`` ``(batch, T, kv_heads, head_dim)`` at slot ``index``.
+
+    Returns ``(new_layer_cache, all_keys, all_values)`` where the latter two span every slot of the cache.
+    """
+    start = (0, index, 0, 0)
+    keys = jax.lax.dynamic_update_slice(layer_cache["key"], key.astype(layer_cache["key"].dtype), start)
+    values = jax.lax.dynamic_update_slice(layer_cache["value"], value.astype(layer_cache["value"].dtype), start)
+    return {"key": keys, "value": values}, keys, values
+
+
+def check_prefix_key_values(prefix_key_values, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int):
+    """Raises a one-line error unless ``prefix_key_values`` is ``(keys, values)`` of the documented shape."""
+    if prefix_key_values is None:
+        return 0
+    if not isinstance(prefix_key_values, (tuple, list)) or len(prefix_key_values) != 2:
+        raise ValueError(
+            "prefix_key_values must be a (keys, values) pair of arrays shaped "
+            "(num_layers, batch, num_virtual_tokens, kv_heads, head_dim)."
+        )
+    keys, values = prefix_key_values
+    num_virtual = keys.shape[2] if keys.ndim == 5 else -1
+    expected = (num_layers, batch_size, num_virtual, num_kv_heads, head_dim)
+    for name, array in (("keys", keys), ("values", values)):
+        if tuple(array.shape) != expected:
+            raise ValueError(
+                f"prefix_key_values {name} have shape {tuple(array.shape)}; expected "
+                f"(num_layers, batch, num_virtual_tokens, kv_heads, head_dim) = {expected}."
+            )
+    return num_virtual
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array,
+    *,
+    prefix_key_value: tuple[jax.Array, jax.Array] | None = None,
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Multi-head / grouped-query attention; returns ``(batch, T, heads, head_dim)``.
+
+    ``query`` is ``(batch, T, heads, head_dim)``, ``key``/``value`` ``(batch, S, kv_heads, head_dim)``,
+    ``mask`` from ``make_attention_mask`` (its key axis includes the prefix). ``prefix_key_value`` is this layer's
+    ``(keys, values)`` of shape ``(batch, P, kv_heads, head_dim)``, put in front of ``key``/``value``.
+    Without dropout this is ``jax.nn.dot_product_attention`` (cuDNN flash attention where the GPU supports it);
+    attention dropout (training only) takes an explicit softmax.
+    """
+    if prefix_key_value is not None:
+        prefix_key, prefix_value = prefix_key_value
+        key = jnp.concatenate([prefix_key.astype(key.dtype), key], axis=1)
+        value = jnp.concatenate([prefix_value.astype(value.dtype), value], axis=1)
+    if dropout_rate == 0.0 or dropout_rng is None:
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=implementation)
+
+    batch, q_len, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    grouped = query.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scale = head_dim**-0.5 if scale is None else scale
+    logits = jnp.einsum("btkgh,bskh->bkgts", grouped, key).astype(jnp.float32) * scale
+    mask = mask.reshape(mask.shape[0], 1, 1, *mask.shape[2:])
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(value.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, value)
+    return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def remat_policy_for(name: str | None):
+    """``jax.checkpoint_policies`` policy for a ``remat_policy`` name; ``None`` means no rematerialisation."""
+    if name is None or name == "none":
+        return None
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"Unknown remat_policy {name!r}; choose one of {sorted(REMAT_POLICIES)} or None.")
+    return REMAT_POLICIES[name]
+
+
+class UnrolledLayers(nn.Module):
+    """The layers one after another, each a child named ``"0"``, ``"1"``, ... like a torch ``ModuleList``.
+
+    Called like a scanned stack: ``(hidden, mask, rope, cache_index, deterministic, caches, prefix_key_values)``
+    with ``caches`` a tuple of per-layer caches (or ``None``) and ``prefix_key_values`` stacked over layers.
+    """
+
+    block_cls: Any
+    num_layers: int
+    block_kwargs: Any
+
+    @nn.compact
+    def __call__(self, hidden, mask, rope, cache_index, deterministic, caches, prefix_key_values):
+        new_caches = []
+        for i in range(self.num_layers):
+            layer_cache = None if caches is None else caches[i]
+            layer_prefix = None if prefix_key_values is None else (prefix_key_values[0][i], prefix_key_values[1][i])
+            block = self.block_cls(**self.block_kwargs, name=str(i))
+            hidden, layer_cache = block(hidden, mask, rope, cache_index, deterministic, layer_cache, layer_prefix)
+            new_caches.append(layer_cache)
+        return hidden, None if caches is None else tuple(new_caches)
+
+
+def layer_stack(block_cls, *, num_layers: int, scan_layers: bool, remat_policy: str | None, name: str, **kwargs):
+    """The module holding ``num_layers`` blocks under ``name`` (``"h"``, ``"layers"``), scanned or unrolled.
+
+    ``block_cls.__call__(hidden, mask, rope, cache_index, deterministic, layer_cache, layer_prefix)`` must return
+    ``(hidden, layer_cache)``. Scanned, the parameters carry a leading layer axis (logical name ``"layers"``) and
+    the cache and prefix key/values are scanned over along their leading axis too.
+    """
+    policy = remat_policy_for(remat_policy)
+    if policy is not None:
+        # Argument 5 (counting self) is `deterministic`, a Python bool that must stay static.
+        block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not scan_layers, static_argnums=(5,))
+    if not scan_layers:
+        return UnrolledLayers(block_cls=block_cls, num_layers=num_layers, block_kwargs=kwargs, name=name)
+    scanned = nn.scan(
+        block_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(**kwargs, name=name)
+
+
+def cache_length(cache: KVCache) -> int:
+    """Number of slots of ``cache``."""
+    layers = cache.layers
+    return layers["key"].shape[2] if isinstance(layers, Mapping) else layers[0]["key"].shape[1]
+
+
+def prepare_decoder_inputs(
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    position_ids: jax.Array | None,
+    cache: KVCache | None,
+    *,
+    num_prefix_tokens: int = 0,
+    sliding_window: int | None = None,
+):
+    """``(mask, position_ids, cache_index)`` for one decoder call.
+
+    Without a cache ``attention_mask`` is ``(batch, seq)`` and positions default to ``0..seq-1`` (as in
+    transformers' forward). With a cache it covers all cache slots ``(batch, slots)`` and positions default to
+    the slots of the new tokens.
+    """
+    batch_size, seq_len = input_ids.shape
+    cache_index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+    num_slots = seq_len if cache is None else cache_length(cache)
+    if attention_mask is None:
+        attention_mask = jnp.ones((batch_size, num_slots), jnp.int32)
+    if attention_mask.shape != (batch_size, num_slots):
+        what = "(batch, seq) like input_ids" if cache is None else "(batch, cache slots) when a cache is given"
+        expected = (batch_size, num_slots)
+        raise ValueError(f"attention_mask has shape {attention_mask.shape}; expected {what}: {expected}.")
+    if position_ids is None:
+        position_ids = jnp.broadcast_to(cache_index + jnp.arange(seq_len), (batch_size, seq_len))
+    mask = make_attention_mask(
+        attention_mask,
+        seq_len,
+        query_offset=cache_index,
+        sliding_window=sliding_window,
+        num_prefix_tokens=num_prefix_tokens,
+    )
+    return mask, position_ids, cache_index
+
+
+def pool_last_non_pad(hidden: jax.Array, input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
+    """Hidden state of each row's rightmost token that is not ``pad_token_id`` (transformers' decoder pooling).
+
+    Without a ``pad_token_id`` the last position is taken.
+    """
+    if pad_token_id is None:
+        return hidden[:, -1]
+    positions = jnp.arange(input_ids.shape[1])
+    last = jnp.argmax(positions * (input_ids != pad_token_id), axis=-1)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
+def logical(init, *axes: str | None):
+    """``init`` annotated with logical axis names (``nn.with_logical_partitioning``)."""
+    return nn.with_logical_partitioning(init, axes)

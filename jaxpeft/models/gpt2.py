@@ -1,0 +1,324 @@
+"""GPT-2 in Flax linen, with parameter names that mirror transformers' (``transformer.h.0.attn.c_attn``).
+
+GPT-2's ``Conv1D`` layers are ``nn.Dense`` whose kernel is ``[in, out]``, which is Conv1D's own layout, so their
+weights load without a transpose.
+
+Example:
+    >>> import transformers
+    >>> from jaxpeft.models import AutoModelForCausalLM
+    >>> config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
+    >>> model = AutoModelForCausalLM.from_config(config, scan_layers=True)
+    >>> model(input_ids=[[5, 6, 7]]).logits.shape
+    (1, 3, 100)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxpeft.models import attention, hub
+from jaxpeft.models.family import ModelFamily, ModelOutput
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def check_config(config) -> None:
+    """One-line errors for GPT-2 options this implementation does not cover."""
+    if config.activation_function not in ACTIVATIONS:
+        raise ValueError(
+            f"GPT-2 activation_function {config.activation_function!r} is not supported; use one of "
+            f"{sorted(ACTIVATIONS)}."
+        )
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
+        raise ValueError(
+            "GPT-2 scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported; set them to False."
+        )
+    if config.n_embd % config.n_head:
+        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}).")
+
+
+def cache_spec(config, scan_layers: bool, dtype) -> attention.CacheSpec:
+    """The key/value cache layout of a model of this config."""
+    return attention.CacheSpec(config.n_layer, config.n_head, config.n_embd // config.n_head, scan_layers, dtype)
+
+
+def _dense(config, features: int, axes: tuple, name: str, dtype, param_dtype, use_bias: bool = True) -> nn.Dense:
+    init = nn.initializers.normal(config.initializer_range)
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=attention.logical(init, *axes),
+        bias_init=attention.logical(nn.initializers.zeros_init(), axes[-1]),
+        name=name,
+    )
+
+
+def _layer_norm(config, name: str, dtype, param_dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_epsilon,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=attention.logical(nn.initializers.ones_init(), "embed"),
+        bias_init=attention.logical(nn.initializers.zeros_init(), "embed"),
+        name=name,
+    )
+
+
+def _module_kind(name: str) -> str:
+    if name in ("wte", "wpe"):
+        return "embed"
+    if name.startswith("ln_"):
+        return "norm"
+    if name in ("c_attn", "c_proj", "c_fc"):
+        return "conv1d"
+    return "dense"
+
+
+def name_map(config) -> hub.NameMap:
+    return hub.NameMap(
+        base_prefix="transformer",
+        layers_name="h",
+        num_layers=config.n_layer,
+        module_kind=_module_kind,
+        head_modules={"causal_lm": ("lm_head",), "seq_cls": ("score",)},
+    )
+
+
+def params_from_hf(tensors, config, head, scan_layers):
+    return hub.hf_tensors_to_params(tensors, name_map(config), head, scan_layers)
+
+
+def params_to_hf(variables, config, head, scan_layers):
+    return hub.params_to_hf_tensors(variables, name_map(config), head, scan_layers)
+
+
+class GPT2Attention(nn.Module):
+    config: Any
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden, mask, cache_index, deterministic, layer_cache, layer_prefix):
+        config = self.config
+        num_heads, head_dim = config.n_head, config.n_embd // config.n_head
+        batch, seq_len, _ = hidden.shape
+        qkv = _dense(config, 3 * config.n_embd, ("embed", "heads"), "c_attn", self.dtype, self.param_dtype)(hidden)
+        query, key, value = (x.reshape(batch, seq_len, num_heads, head_dim) for x in jnp.split(qkv, 3, axis=-1))
+        if layer_cache is not None:
+            layer_cache, key, value = attention.write_cache(layer_cache, key, value, cache_index)
+        dropout_rate = 0.0 if deterministic else config.attn_pdrop
+        out = attention.dot_product_attention(
+            query,
+            key,
+            value,
+            mask,
+            prefix_key_value=layer_prefix,
+            scale=head_dim**-0.5 if config.scale_attn_weights else 1.0,
+            dropout_rate=dropout_rate,
+            dropout_rng=self.make_rng("dropout") if dropout_rate > 0 else None,
+        )
+        out = out.reshape(batch, seq_len, config.n_embd)
+        out = _dense(config, config.n_embd, ("heads", "embed"), "c_proj", self.dtype, self.param_dtype)(out)
+        out = nn.Dropout(config.resid_pdrop)(out, deterministic=deterministic)
+        return out, layer_cache
+
+
+class GPT2MLP(nn.Module):
+    config: Any
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden, deterministic):
+        config = self.config
+        inner = config.n_inner or 4 * config.n_embd
+        hidden = _dense(config, inner, ("embed", "mlp"), "c_fc", self.dtype, self.param_dtype)(hidden)
+        hidden = ACTIVATIONS[config.activation_function](hidden)
+        hidden = _dense(config, config.n_embd, ("mlp", "embed"), "c_proj", self.dtype, self.param_dtype)(hidden)
+        return nn.Dropout(config.resid_pdrop)(hidden, deterministic=deterministic)
+
+
+class GPT2Block(nn.Module):
+    config: Any
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden, mask, rope, cache_index, deterministic, layer_cache, layer_prefix):
+        kwargs = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        attn_out, layer_cache = GPT2Attention(**kwargs, name="attn")(
+            _layer_norm(self.config, "ln_1", self.dtype, self.param_dtype)(hidden),
+            mask,
+            cache_index,
+            deterministic,
+            layer_cache,
+            layer_prefix,
+        )
+        hidden = hidden + attn_out
+        mlp_in = _layer_norm(self.config, "ln_2", self.dtype, self.param_dtype)(hidden)
+        hidden = hidden + GPT2MLP(**kwargs, name="mlp")(mlp_in, deterministic)
+        return hidden, layer_cache
+
+
+class GPT2Model(nn.Module):
+    """The GPT-2 transformer (``GPT2Model``); returns ``ModelOutput(last_hidden_state=..., cache=...)``.
+
+    ``prefix_key_values`` is ``(keys, values)``, each ``(n_layer, batch, num_virtual_tokens, n_head, head_dim)``:
+    per-layer key/values attended before the sequence (prefix tuning).
+    """
+
+    config: Any
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str | None = None
+
+    def setup(self):
+        config = self.config
+        check_config(config)
+        embed_init = nn.initializers.normal(config.initializer_range)
+        self.wte = nn.Embed(
+            config.vocab_size,
+            config.n_embd,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=attention.logical(embed_init, "vocab", "embed"),
+        )
+        self.wpe = nn.Embed(
+            config.n_positions,
+            config.n_embd,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=attention.logical(embed_init, None, "embed"),
+        )
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = attention.layer_stack(
+            GPT2Block,
+            num_layers=config.n_layer,
+            scan_layers=self.scan_layers,
+            remat_policy=self.remat_policy,
+            name="h",
+            config=config,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        self.ln_f = _layer_norm(config, "ln_f", self.dtype, self.param_dtype)
+
+    def cache_spec(self) -> attention.CacheSpec:
+        return cache_spec(self.config, self.scan_layers, self.dtype)
+
+    def attend(self, hidden):
+        """Logits from the tied input embedding."""
+        return self.wte.attend(hidden)
+
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        cache: attention.KVCache | None = None,
+        prefix_key_values=None,
+        deterministic: bool = True,
+    ) -> ModelOutput:
+        config = self.config
+        batch_size = input_ids.shape[0]
+        num_prefix = attention.check_prefix_key_values(
+            prefix_key_values, config.n_layer, batch_size, config.n_head, config.n_embd // config.n_head
+        )
+        mask, position_ids, cache_index = attention.prepare_decoder_inputs(
+            input_ids, attention_mask, position_ids, cache, num_prefix_tokens=num_prefix
+        )
+        hidden = self.wte(input_ids) + self.wpe(position_ids)
+        hidden = self.drop(hidden, deterministic=deterministic)
+        layers_cache = None if cache is None else cache.layers
+        hidden, layers_cache = self.h(hidden, mask, None, cache_index, deterministic, layers_cache, prefix_key_values)
+        hidden = self.ln_f(hidden)
+        new_cache = None
+        if cache is not None:
+            new_cache = attention.KVCache(layers=layers_cache, index=cache.index + input_ids.shape[1])
+        return ModelOutput(last_hidden_state=hidden, cache=new_cache)
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 with the language-model head (``lm_head``, tied to ``wte`` unless ``tie_word_embeddings=False``)."""
+
+    config: Any
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str | None = None
+
+    def setup(self):
+        self.transformer = GPT2Model(
+            self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy, name="transformer"
+        )
+        if not self.config.tie_word_embeddings:
+            self.lm_head = _dense(
+                self.config,
+                self.config.vocab_size,
+                ("embed", "vocab"),
+                "lm_head",
+                self.dtype,
+                self.param_dtype,
+                use_bias=False,
+            )
+
+    def cache_spec(self) -> attention.CacheSpec:
+        return cache_spec(self.config, self.scan_layers, self.dtype)
+
+    def __call__(
+        self, input_ids, attention_mask=None, position_ids=None, cache=None, prefix_key_values=None, deterministic=True
+    ) -> ModelOutput:
+        out = self.transformer(input_ids, attention_mask, position_ids, cache, prefix_key_values, deterministic)
+        hidden = out.last_hidden_state
+        logits = self.transformer.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+        return ModelOutput(logits=logits, last_hidden_state=hidden, cache=out.cache)
+
+
+class GPT2ForSequenceClassification(nn.Module):
+    """GPT-2 with a ``score`` layer on the last non-pad token (``config.pad_token_id``)."""
+
+    config: Any
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str | None = None
+
+    @nn.compact
+    def __call__(
+        self, input_ids, attention_mask=None, position_ids=None, prefix_key_values=None, deterministic=True
+    ) -> ModelOutput:
+        transformer = GPT2Model(
+            self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy, name="transformer"
+        )
+        hidden = transformer(input_ids, attention_mask, position_ids, None, prefix_key_values, deterministic)
+        pooled = attention.pool_last_non_pad(hidden.last_hidden_state, input_ids, self.config.pad_token_id)
+        score = _dense(
+            self.config, self.config.num_labels, ("embed", None), "score", self.dtype, self.param_dtype, use_bias=False
+        )
+        return ModelOutput(logits=score(pooled), last_hidden_state=hidden.last_hidden_state)
+
+
+FAMILY = ModelFamily(
+    model_types=("gpt2",),
+    modules={"base": GPT2Model, "causal_lm": GPT2LMHeadModel, "seq_cls": GPT2ForSequenceClassification},
+    params_from_hf=params_from_hf,
+    params_to_hf=params_to_hf,
+    default_lora_targets=("c_attn",),
+    ignore_unexpected=(r"^lm_head\.", r"^score\.", r"attn\.(masked_)?bias$"),
+)

@@ -1,0 +1,216 @@
+"""Finding a checkpoint and reading/writing its ``*.safetensors`` tensors as numpy arrays (never through torch).
+
+Example:
+    >>> import tempfile, numpy as np
+    >>> folder = tempfile.mkdtemp()
+    >>> write_safetensors({"w": np.ones((2, 3), np.float32)}, f"{folder}/model.safetensors")
+    >>> read_checkpoint_tensors(folder)["w"].shape
+    (2, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+_HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "generation_config.json"]
+
+
+def _hub_is_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return constants.HF_HUB_OFFLINE or flag.upper() in ("1", "ON", "YES", "TRUE")
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None) -> str:
+    """The local folder of a checkpoint: ``name_or_path`` itself, else the Hugging Face cache, else the hub.
+
+    Raises:
+        FileNotFoundError: a one-line message naming the id when it is neither local, cached nor downloadable.
+    """
+    name = os.fspath(name_or_path)
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name):
+        raise ValueError(f"{name!r} is a file; pass the folder holding config.json and *.safetensors (or a .gguf).")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure of the cache lookup means "not cached"
+        pass
+    if _hub_is_offline():
+        raise FileNotFoundError(
+            f"Model {name!r} is not a local folder and not in the Hugging Face cache, and the hub is offline "
+            "(HF_HUB_OFFLINE); pass the path of a local folder with config.json and *.safetensors."
+        )
+    try:
+        return snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS)
+    except Exception as error:  # noqa: BLE001 - network, auth and missing-repo errors all end here
+        raise FileNotFoundError(
+            f"Model {name!r} is not a local folder, not in the Hugging Face cache, and could not be downloaded "
+            f"({type(error).__name__}); pass the path of a local folder with config.json and *.safetensors."
+        ) from error
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of one ``.safetensors`` file as numpy arrays (bfloat16 as ``ml_dtypes.bfloat16``)."""
+    with safe_open(path, framework="np") as file:
+        return {name: file.get_tensor(name) for name in file.keys()}
+
+
+def read_checkpoint_tensors(folder: str) -> dict[str, np.ndarray]:
+    """Every tensor of the checkpoint in ``folder``: ``model.safetensors`` or the shards of its index."""
+    index_path = os.path.join(folder, SAFETENSORS_INDEX_FILE)
+    single_path = os.path.join(folder, SAFETENSORS_FILE)
+    if os.path.exists(index_path):
+        with open(index_path) as file:
+            shard_names = sorted(set(json.load(file)["weight_map"].values()))
+        tensors = {}
+        for shard_name in shard_names:
+            tensors.update(read_safetensors(os.path.join(folder, shard_name)))
+        return tensors
+    if os.path.exists(single_path):
+        return read_safetensors(single_path)
+    others = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")))
+    hint = f" (found {others}; re-save it with transformers' save_pretrained())" if others else ""
+    raise FileNotFoundError(f"No {SAFETENSORS_FILE} or {SAFETENSORS_INDEX_FILE} in {folder!r}{hint}.")
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
+    """Writes ``tensors`` with the ``{"format": "pt"}`` metadata that transformers' torch loader expects."""
+    arrays = {name: np.ascontiguousarray(np.asarray(array)) for name, array in tensors.items()}
+    save_file(arrays, path, metadata={"format": "pt"})
+
+
+# --- Name mapping between Hugging Face tensors and linen parameter trees -------------------------------------------
+
+# How a torch module's tensors become linen leaves: `dense` is nn.Linear (weight transposed to the [in, out]
+# kernel), `conv1d` is GPT-2's Conv1D (weight already [in, out]), `norm` a LayerNorm/RMSNorm, `embed` an Embedding.
+_LEAF_NAMES = {
+    "dense": {"weight": "kernel", "bias": "bias"},
+    "conv1d": {"weight": "kernel", "bias": "bias"},
+    "norm": {"weight": "scale", "bias": "bias"},
+    "embed": {"weight": "embedding"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class NameMap:
+    """Describes how a decoder's Hugging Face tensor names relate to its linen parameter paths.
+
+    Attributes:
+        base_prefix: the base model's attribute in the head classes (``"transformer"``, ``"model"``).
+        layers_name: the ModuleList holding the layers (``"h"``, ``"layers"``).
+        num_layers: number of layers.
+        module_kind: module name (last part of its path) -> ``"dense"``, ``"conv1d"``, ``"norm"`` or ``"embed"``.
+        head_modules: head -> the top-level modules that head adds to the base model (``{"causal_lm": ("lm_head",)}``).
+    """
+
+    base_prefix: str
+    layers_name: str
+    num_layers: int
+    module_kind: Callable[[str], str]
+    head_modules: Mapping[str, tuple[str, ...]]
+
+
+def _leaf_from_hf(name_map: NameMap, module_path: tuple[str, ...], tensor_name: str, array: np.ndarray):
+    kind = name_map.module_kind(module_path[-1])
+    leaf = _LEAF_NAMES[kind].get(tensor_name)
+    if leaf is None:
+        return None
+    return leaf, (array.T if kind == "dense" and leaf == "kernel" else array)
+
+
+def hf_tensors_to_params(
+    tensors: Mapping[str, np.ndarray], name_map: NameMap, head: str, scan_layers: bool
+) -> tuple[dict, list[str]]:
+    """``(variables, unused_names)`` from Hugging Face ``tensors``, for ``ModelFamily.params_from_hf``.
+
+    Base-model tensors are accepted with or without ``base_prefix``; scanned layers are stacked on a new axis 0
+    (a leaf present in only some layers is left out, and so reported missing by the loader).
+    """
+    head_modules = set(name_map.head_modules.get(head, ()))
+    any_head_modules = {m for modules in name_map.head_modules.values() for m in modules}
+    base_root = () if head == "base" else (name_map.base_prefix,)
+    layer_pattern = re.compile(rf"^{re.escape(name_map.layers_name)}\.(\d+)\.(.+)$")
+    flat: dict[tuple, np.ndarray] = {}
+    stacked: dict[tuple, dict[int, np.ndarray]] = {}
+    unused = []
+    for name, array in tensors.items():
+        parts = name.split(".")
+        root = base_root
+        if parts[0] in head_modules:
+            root = ()
+        elif parts[0] in any_head_modules:  # another head's module, e.g. lm_head when loading a classifier
+            unused.append(name)
+            continue
+        elif parts[0] == name_map.base_prefix:
+            parts = parts[1:]
+        layer = None
+        layer_match = layer_pattern.match(".".join(parts))
+        if layer_match:
+            layer = int(layer_match.group(1))
+            parts = layer_match.group(2).split(".")
+        leaf = None
+        if len(parts) >= 2 and (layer is None or layer < name_map.num_layers):
+            leaf = _leaf_from_hf(name_map, tuple(parts[:-1]), parts[-1], array)
+        if leaf is None:
+            unused.append(name)
+            continue
+        module_path, (leaf_name, value) = tuple(parts[:-1]), leaf
+        if layer is None:
+            flat[root + module_path + (leaf_name,)] = value
+        elif scan_layers:
+            stacked.setdefault(root + (name_map.layers_name,) + module_path + (leaf_name,), {})[layer] = value
+        else:
+            flat[root + (name_map.layers_name, str(layer)) + module_path + (leaf_name,)] = value
+    for path, by_layer in stacked.items():
+        shapes = {i: tuple(array.shape) for i, array in by_layer.items()}
+        if len(set(shapes.values())) > 1:
+            common = max(set(shapes.values()), key=list(shapes.values()).count)
+            odd = sorted(f"layer {i}: {shape}" for i, shape in shapes.items() if shape != common)
+            raise ValueError(f"mis-shaped layer tensors for {'/'.join(path)}: {odd}, the other layers have {common}.")
+        if len(by_layer) == name_map.num_layers:
+            flat[path] = np.stack([by_layer[i] for i in range(name_map.num_layers)])
+    return {"params": unflatten_dict(flat)}, unused
+
+
+def params_to_hf_tensors(variables: Mapping, name_map: NameMap, head: str, scan_layers: bool) -> dict[str, np.ndarray]:
+    """The Hugging Face tensors of ``variables``, named as ``head``'s transformers class names them."""
+    tensors = {}
+    for path, value in flatten_dict(dict(variables["params"])).items():
+        path = tuple(str(p) for p in path)
+        value = np.asarray(value)
+        prefix, relative = "", path
+        if head != "base" and path[0] == name_map.base_prefix:
+            prefix, relative = name_map.base_prefix + ".", path[1:]
+        layer_values: list[tuple[str, np.ndarray]]
+        if relative[0] == name_map.layers_name and scan_layers:
+            rest = relative[1:]
+            layer_values = [(f"{name_map.layers_name}.{i}.", value[i]) for i in range(value.shape[0])]
+        elif relative[0] == name_map.layers_name:
+            rest = relative[2:]
+            layer_values = [(f"{name_map.layers_name}.{relative[1]}.", value)]
+        else:
+            rest = relative
+            layer_values = [("", value)]
+        module_path, leaf = rest[:-1], rest[-1]
+        kind = name_map.module_kind(module_path[-1])
+        tensor_name = {v: k for k, v in _LEAF_NAMES[kind].items()}[leaf]
+        for layer_prefix, array in layer_values:
+            if kind == "dense" and leaf == "kernel":
+                array = array.T
+            tensors[prefix + layer_prefix + ".".join(module_path) + "." + tensor_name] = np.ascontiguousarray(array)
+    return tensors

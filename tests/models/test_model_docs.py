@@ -1,0 +1,23 @@
+"""The docstring examples of jaxpeft.models run and print what they claim."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "jaxpeft.models",
+    "jaxpeft.models.attention",
+    "jaxpeft.models.auto",
+    "jaxpeft.models.generation",
+    "jaxpeft.models.gguf",
+    "jaxpeft.models.gpt2",
+    "jaxpeft.models.hub",
+    "jaxpeft.models.llama",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
