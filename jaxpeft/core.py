@@ -295,24 +295,21 @@ def merge(variables: Any, config: PeftConfig, adapter_name: str = "default") -> 
 def unmerge(merged_variables: Any, adapters: Any, config: PeftConfig, adapter_name: str = "default") -> Any:
     """Undoes ``merge``: takes the adapter out of the merged weights and puts its leaves back.
 
-    ``adapters`` is any tree holding the adapter's leaves (e.g. the trainable half from ``partition``, or the
-    variables that were merged). Modules in ``modules_to_save`` get their original weights back from
-    ``adapters`` when it holds them.
+    ``adapters`` is a tree holding all the adapter's leaves, constants included: usually the variables that were
+    merged. Modules in ``modules_to_save`` get their original weights back from it.
     """
     if adapter_name in adapter_names(merged_variables):
         raise AdapterError(f"adapter {adapter_name!r} is not merged into these variables (they still hold its "
                            "leaves); unmerge takes what merge() returned")
-    base = _apply_to_layers(merged_variables, config, adapters, adapter_name, -1.0)
-    flat = flatten(base)
-    for path, leaf in flatten(adapters).items():
-        if any(key in ADAPTER_KEYS for key in path) and leaf is not None:
-            flat[path] = leaf
-    saved = {path[:i] for path in flatten(adapters) for i in range(len(path))
-             if path[i:i + 2] == (SAVED_MODULES_KEY, adapter_name)}
-    for module_path in saved:
-        originals = {p: leaf for p, leaf in flatten(adapters).items()
-                     if p[:len(module_path)] == module_path and leaf is not None
-                     and not any(k in ADAPTER_KEYS for k in p[len(module_path):])}
+    flat = flatten(_apply_to_layers(merged_variables, config, adapters, adapter_name, -1.0))
+    adapter_flat = {path: leaf for path, leaf in flatten(adapters).items() if leaf is not None}
+    flat.update({path: leaf for path, leaf in adapter_flat.items() if any(key in ADAPTER_KEYS for key in path)})
+    saved_modules = {path[:i] for path in adapter_flat for i in range(len(path))
+                     if path[i:i + 2] == (SAVED_MODULES_KEY, adapter_name)}
+    for module_path in saved_modules:
+        originals = {path: leaf for path, leaf in adapter_flat.items()
+                     if path[:len(module_path)] == module_path
+                     and not any(key in ADAPTER_KEYS for key in path[len(module_path):])}
         if not originals:
             raise AdapterError(f"the original weights of {'.'.join(module_path[1:])} (in modules_to_save) are "
                                "not in `adapters`; pass the variables that were merged")

@@ -361,7 +361,10 @@ def test_modules_to_save_trains_a_copy_and_merges_it():
     changed = jax.tree_util.tree_map(lambda x: x, variables)
     changed["params"]["classifier"]["modules_to_save"]["default"]["bias"] = jnp.ones(3)
     np.testing.assert_allclose(adapted(changed, ids), model.apply(base, ids) + 1, atol=1e-5)
-    np.testing.assert_allclose(model.apply(jaxpeft.merge(changed, config), ids), adapted(changed, ids), atol=1e-5)
+    merged = jaxpeft.merge(changed, config)
+    np.testing.assert_allclose(model.apply(merged, ids), adapted(changed, ids), atol=1e-5)
+    np.testing.assert_array_equal(merged["params"]["classifier"]["bias"], np.ones(3))
+    chex.assert_trees_all_close(jaxpeft.unmerge(merged, changed, config), changed, atol=1e-6)
     np.testing.assert_array_equal(adapted(changed, ids, adapter_name=None), model.apply(base, ids))
 
 
