@@ -2,26 +2,38 @@
 
 from jaxpeft.config import ConfigError, PeftConfig
 from jaxpeft.core import AdapterError, freeze, init_adapters, merge, rewrite, trainable_mask, unmerge
+from jaxpeft.hf_format import config_from_hf_dict, config_to_hf_dict, load_adapter, save_adapter
+from jaxpeft.methods.bitfit import BitFitConfig
+from jaxpeft.methods.ia3 import IA3Config
 from jaxpeft.methods.lora import LoRAConfig, LoraConfig
+from jaxpeft.peft_model import PeftModel, get_peft_model
 from jaxpeft.tree import ParameterCount, adapter_names, combine, count_parameters, partition, strip_adapters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterError",
+    "BitFitConfig",
     "ConfigError",
+    "IA3Config",
     "LoRAConfig",
     "LoraConfig",
     "ParameterCount",
     "PeftConfig",
+    "PeftModel",
     "adapter_names",
     "combine",
+    "config_from_hf_dict",
+    "config_to_hf_dict",
     "count_parameters",
     "freeze",
+    "get_peft_model",
     "init_adapters",
+    "load_adapter",
     "merge",
     "partition",
     "rewrite",
+    "save_adapter",
     "strip_adapters",
     "trainable_mask",
     "unmerge",

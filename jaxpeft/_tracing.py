@@ -78,11 +78,12 @@ class Layer:
 
 @dataclasses.dataclass(frozen=True)
 class Trace:
-    """What one traced call of a model showed: its adaptable layers and every module path."""
+    """What one traced call of a model showed: its adaptable layers, every module path, every parameter shape."""
 
     layers: dict[Path, Layer]
     module_types: dict[Path, str]
     module_virtual_paths: dict[Path, dict[tuple[int, ...], str]]
+    param_shapes: dict[Path, tuple[int, ...]]  # every leaf of variables["params"], stacking axes included
 
     def existing_paths(self, limit: int = 12) -> str:
         """The first ``limit`` module paths, for error messages."""
@@ -165,9 +166,9 @@ def trace_layers(apply_fn: Callable, variables: Any, args: tuple, kwargs: dict) 
         stack_shape = tuple(full[: len(full) - len(kernel_shape)])
         is_output = path in found_heads or path[-1] in OUTPUT_HEAD_NAMES
         layers[path] = Layer(path, kind, module, kernel_shape, dtype, input_ndim, stack_shape,
-                                                  virtual_paths(path), is_output)
+                             virtual_paths(path), is_output)
     module_virtual_paths = {p: virtual_paths(p) for p in module_types}
-    return Trace(layers, module_types, module_virtual_paths)
+    return Trace(layers, module_types, module_virtual_paths, full_shapes)
 
 
 def _stacking_boundaries(boundary_views: dict[Path, dict[Path, int]],

@@ -9,6 +9,18 @@ import json
 from typing import Any, ClassVar
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# Spellings from popular tutorials and transformers' pipeline names.
+TASK_ALIASES = {
+    "text-generation": "CAUSAL_LM",
+    "causal-lm": "CAUSAL_LM",
+    "classification": "SEQ_CLS",
+    "text-classification": "SEQ_CLS",
+    "sequence-classification": "SEQ_CLS",
+    "token-classification": "TOKEN_CLS",
+    "question-answering": "QUESTION_ANS",
+    "feature-extraction": "FEATURE_EXTRACTION",
+    "text2text-generation": "SEQ_2_SEQ_LM",
+}
 
 
 class ConfigError(ValueError):
@@ -50,8 +62,12 @@ class PeftConfig:
     inference_mode: bool = False
 
     def __post_init__(self):
-        if self.task_type is not None and self.task_type not in TASK_TYPES:
-            raise ConfigError(f"task_type={self.task_type!r} is unknown; use one of {', '.join(TASK_TYPES)}")
+        if self.task_type is not None:
+            task = str(getattr(self.task_type, "value", self.task_type))
+            self.task_type = TASK_ALIASES.get(task.lower().replace("_", "-"), task.upper())
+            if self.task_type not in TASK_TYPES:
+                raise ConfigError(f"task_type={task!r} is unknown; use one of {', '.join(TASK_TYPES)} "
+                                  f"(or {', '.join(TASK_ALIASES)})")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as the JSON-ready dict of HF PEFT's ``adapter_config.json``."""

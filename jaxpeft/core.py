@@ -341,7 +341,8 @@ def resolve_layers(config: Any, trace: Trace, kinds: tuple[str, ...], *, method_
             return False
         if isinstance(targets, str):
             return True
-        return _targets.in_layers(name, config.layers_to_transform, getattr(config, "layers_pattern", None))
+        return _targets.in_layers(name, getattr(config, "layers_to_transform", None),
+                                  getattr(config, "layers_pattern", None))
 
     selected: dict[Path, Layer] = {}
     unsupported: list[str] = []

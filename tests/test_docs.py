@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-MODULES = ["jaxpeft.core", "jaxpeft.tree", "jaxpeft.methods.lora"]
+MODULES = ["jaxpeft.core", "jaxpeft.tree", "jaxpeft.methods.lora", "jaxpeft.peft_model"]
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 

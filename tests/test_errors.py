@@ -129,3 +129,9 @@ def test_rewrite_rejects_jitted_apply_and_foreign_configs(mlp):
         jaxpeft.rewrite(jax.jit(model.apply), jaxpeft.LoraConfig(target_modules=["fc1"]))
     with pytest.raises(TypeError, match="expected a jaxpeft config"):
         jaxpeft.rewrite(model.apply, {"r": 8})
+
+
+@pytest.mark.parametrize("spelling,expected", [("text-generation", "CAUSAL_LM"), ("classification", "SEQ_CLS"),
+                                               ("CAUSAL_LM", "CAUSAL_LM"), ("seq_cls", "SEQ_CLS")])
+def test_task_type_spellings(spelling, expected):
+    assert jaxpeft.LoRAConfig(task_type=spelling).task_type == expected

@@ -1,0 +1,220 @@
+"""``get_peft_model`` and ``PeftModel``: Hugging Face PEFT's workflow over jaxpeft's functional core.
+
+A PeftModel wraps a ``jaxpeft.models`` model. It never changes the base model: it holds its own variables tree (the
+base parameters, shared, plus the adapters) and calls the base module through ``jaxpeft.rewrite``. The functional
+pieces stay in reach for users with their own training loops: ``.apply_fn`` (the rewritten apply of the active
+adapter), ``.params`` and ``.trainable_mask``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+
+from jaxpeft import core, tree
+from jaxpeft.config import PeftConfig
+
+
+def _sample_inputs(model) -> dict:
+    from jaxpeft.models.auto import _init_inputs
+
+    return _init_inputs(model.module)
+
+
+def _with_task_defaults(config: PeftConfig, model) -> PeftConfig:
+    """HF PEFT's defaults: the architecture's ``target_modules`` (LoRA, IA3) when the config names none, and, for
+    classification tasks, the classifier head (``classifier`` or ``score``) in ``modules_to_save``."""
+    from jaxpeft.methods import ia3, lora
+
+    changes = {}
+    if isinstance(config, lora.LoraConfig) and config.target_modules is None:
+        changes["target_modules"] = list(model.family.default_lora_targets)
+    model_type = model.config.model_type
+    if isinstance(config, ia3.IA3Config) and config.target_modules is None and model_type in ia3.DEFAULT_TARGETS:
+        targets, feedforward = ia3.DEFAULT_TARGETS[model_type]
+        changes["target_modules"] = targets
+        if config.feedforward_modules is None:
+            changes["feedforward_modules"] = feedforward
+    if config.task_type in ("SEQ_CLS", "TOKEN_CLS") and hasattr(config, "modules_to_save"):
+        heads = [name for name in ("classifier", "score") if name in model.params["params"]]
+        saved = list(config.modules_to_save or [])
+        changes["modules_to_save"] = saved + [name for name in heads if name not in saved]
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+class PeftModel:
+    """A base model with one or more named adapters, used like HF PEFT's ``PeftModel``.
+
+    Example:
+        >>> import transformers, jaxpeft
+        >>> from jaxpeft.models import AutoModelForCausalLM
+        >>> base = AutoModelForCausalLM.from_config(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4,
+        ...     vocab_size=100, n_positions=64))
+        >>> model = jaxpeft.get_peft_model(base, jaxpeft.LoraConfig(r=4))  # GPT-2's default target: c_attn
+        >>> model.print_trainable_parameters()
+        trainable params: 1,024 || all params: 31,744 || trainable%: 3.2258
+        >>> model(input_ids=[[1, 2, 3]]).logits.shape
+        (1, 3, 100)
+    """
+
+    def __init__(self, model, config: PeftConfig | None, adapter_name: str = "default", seed: int = 0):
+        self.base_model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.params = model.params
+        self.active_adapter: str | None = None
+        self._disabled = False
+        self._runners: dict[Any, Any] = {}
+        if config is not None:
+            self.add_adapter(adapter_name, config, seed=seed)
+            self.set_adapter(adapter_name)
+
+    # ----- adapters -----
+
+    def add_adapter(self, adapter_name: str, config: PeftConfig, seed: int = 0) -> None:
+        """Adds a new adapter (not made active: ``set_adapter`` does that)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; choose another name or delete_adapter it")
+        config = _with_task_defaults(config, self.base_model)
+        self.params = core.init_adapters(jax.random.key(seed), config, self.base_model.apply_fn, self.params,
+                                         adapter_name=adapter_name, **_sample_inputs(self.base_model))
+        self.peft_config[adapter_name] = config
+        self._runners.clear()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Makes ``adapter_name`` the active adapter."""
+        self._check_name(adapter_name)
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Removes an adapter and its leaves; if it was active, the first remaining adapter becomes active."""
+        self._check_name(adapter_name)
+        flat = tree.flatten(self.params)
+        kept = {path: leaf for path, leaf in flat.items()
+                if not any(path[i] in tree.ADAPTER_KEYS and path[i + 1] == adapter_name
+                           for i in range(len(path) - 1))}
+        self.params = tree.unflatten_like(kept, self.params)
+        del self.peft_config[adapter_name]
+        self._runners.clear()
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.peft_config), None)
+
+    def _check_name(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside the ``with`` block the model runs as the plain base model (also if the block raises)."""
+        previous, self._disabled = self._disabled, True
+        try:
+            yield self
+        finally:
+            self._disabled = previous
+
+    # ----- the functional pieces -----
+
+    @property
+    def apply_fn(self):
+        """The rewritten apply of the active adapter (the base apply while ``disable_adapter`` is on)."""
+        name = None if self._disabled or self.active_adapter is None else self.active_adapter
+        return functools.partial(core.rewrite(self.base_model.apply_fn, self.peft_config), adapter_name=name)
+
+    @property
+    def trainable_mask(self):
+        """True for the leaves that train for the active adapter (none if it was loaded for inference)."""
+        mask = core.trainable_mask(self.params, self.peft_config[self.active_adapter], self.active_adapter)
+        if self.peft_config[self.active_adapter].inference_mode:
+            mask = jax.tree_util.tree_map(lambda _: False, mask)
+        return mask
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        count = tree.count_parameters(self.params, self.trainable_mask)
+        return count.trainable, count.total
+
+    def print_trainable_parameters(self) -> None:
+        """Prints HF PEFT's line: ``trainable params: N || all params: M || trainable%: P``."""
+        print(tree.count_parameters(self.params, self.trainable_mask))
+
+    # ----- running -----
+
+    def _runner(self):
+        from jaxpeft.models.auto import PretrainedModel
+
+        name = None if self._disabled else self.active_adapter
+        if name not in self._runners:
+            base = self.base_model
+            runner = PretrainedModel(base.module, self.params, base.config, base.family, base.head)
+            runner.apply_fn = functools.partial(core.rewrite(base.apply_fn, self.peft_config), adapter_name=name)
+            self._runners[name] = runner
+        return self._runners[name]
+
+    def __call__(self, *args, params: Any = None, **kwargs):
+        """Runs the model with the active adapter; arguments as for the base model."""
+        return self._runner()(*args, params=self.params if params is None else params, **kwargs)
+
+    def generate(self, *args, params: Any = None, **kwargs):
+        """Generates with the active adapter; arguments as for the base model's ``generate``."""
+        return self._runner().generate(*args, params=self.params if params is None else params, **kwargs)
+
+    # ----- files in the HF PEFT format -----
+
+    def save_pretrained(self, folder: str, selected_adapters: list[str] | None = None) -> None:
+        """Writes each adapter as HF PEFT does: ``default`` in ``folder``, any other in ``folder/<name>``."""
+        from jaxpeft import hf_format
+
+        for name in selected_adapters or list(self.peft_config):
+            self._check_name(name)
+            target = folder if name == "default" else f"{folder}/{name}"
+            hf_format.save_adapter(target, self.params, self.peft_config[name], self.base_model.apply_fn,
+                                   adapter_name=name, **_sample_inputs(self.base_model))
+
+    def load_adapter(self, folder: str, adapter_name: str, is_trainable: bool = False) -> None:
+        """Adds the adapter saved in ``folder`` (HF PEFT format, written by jaxpeft or torch PEFT)."""
+        from jaxpeft import hf_format
+
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; choose another name or delete_adapter it")
+        params, config = hf_format.load_adapter(folder, self.base_model.apply_fn, self.params,
+                                                adapter_name=adapter_name, **_sample_inputs(self.base_model))
+        self.params = params
+        self.peft_config[adapter_name] = dataclasses.replace(config, inference_mode=not is_trainable)
+        self._runners.clear()
+
+    @classmethod
+    def from_pretrained(cls, model, folder: str, adapter_name: str = "default", is_trainable: bool = False):
+        """A PeftModel of ``model`` with the adapter saved in ``folder``; frozen unless ``is_trainable``."""
+        peft_model = cls(model, None)
+        peft_model.load_adapter(folder, adapter_name, is_trainable=is_trainable)
+        peft_model.set_adapter(adapter_name)
+        return peft_model
+
+    # ----- back to a plain model -----
+
+    def merge_and_unload(self, adapter_name: str | None = None):
+        """A plain model (same class as the base) with the adapter merged into its weights."""
+        name = adapter_name or self.active_adapter
+        self._check_name(name)
+        return self._plain_model(core.merge(self.params, self.peft_config[name], name))
+
+    def unload(self):
+        """The base model without any adapter (the weights untouched)."""
+        return self._plain_model(tree.strip_adapters(self.params))
+
+    def _plain_model(self, params):
+        from jaxpeft.models.auto import PretrainedModel
+
+        base = self.base_model
+        return PretrainedModel(base.module, params, base.config, base.family, base.head)
+
+
+def get_peft_model(model, peft_config: PeftConfig, adapter_name: str = "default", seed: int = 0) -> PeftModel:
+    """Wraps a ``jaxpeft.models`` model with a new adapter; the model itself is not changed.
+
+    ``target_modules=None`` takes HF PEFT's default for the architecture (GPT-2 ``c_attn``, BERT/RoBERTa
+    ``query``/``value``, DistilBERT ``q_lin``/``v_lin``, Llama family ``q_proj``/``v_proj``).
+    """
+    return PeftModel(model, peft_config, adapter_name=adapter_name, seed=seed)
