@@ -31,6 +31,19 @@ def gpt2(tmp_path_factory):
     return folder
 
 
+def _family(name: str):
+    """(transformers config, torch class, jaxpeft Auto class, task type) of a tiny model of family ``name``."""
+    return {
+        "gpt2": (_gpt2_config(), transformers.GPT2LMHeadModel, AutoModelForCausalLM, "CAUSAL_LM"),
+        "bert": (transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, vocab_size=99, num_labels=3),
+                 transformers.BertForSequenceClassification, AutoModelForSequenceClassification, "SEQ_CLS"),
+        "llama": (transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=99),
+                  transformers.LlamaForCausalLM, AutoModelForCausalLM, "CAUSAL_LM"),
+    }[name]
+
+
 def _printed(fn) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -40,16 +53,7 @@ def _printed(fn) -> str:
 
 @pytest.mark.parametrize("family", ["gpt2", "bert", "llama"])
 def test_default_targets_and_trainable_parameter_line_match_torch_peft(family, tmp_path):
-    configs = {
-        "gpt2": (_gpt2_config(), transformers.GPT2LMHeadModel, AutoModelForCausalLM, "CAUSAL_LM"),
-        "bert": (transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=64, vocab_size=99, num_labels=3),
-                 transformers.BertForSequenceClassification, AutoModelForSequenceClassification, "SEQ_CLS"),
-        "llama": (transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=99),
-                  transformers.LlamaForCausalLM, AutoModelForCausalLM, "CAUSAL_LM"),
-    }
-    config, torch_class, auto_class, task = configs[family]
+    config, torch_class, auto_class, task = _family(family)
     torch.manual_seed(0)
     torch_class(config).save_pretrained(tmp_path)
     torch_model = peft.get_peft_model(torch_class.from_pretrained(tmp_path),
@@ -162,16 +166,7 @@ def test_save_pretrained_and_from_pretrained_round_trip(gpt2, tmp_path):
 
 @pytest.mark.parametrize("family", ["gpt2", "bert", "llama"])
 def test_ia3_defaults_match_torch_peft(family, tmp_path):
-    configs = {
-        "gpt2": (_gpt2_config(), transformers.GPT2LMHeadModel, AutoModelForCausalLM, "CAUSAL_LM"),
-        "bert": (transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=64, vocab_size=99, num_labels=3),
-                 transformers.BertForSequenceClassification, AutoModelForSequenceClassification, "SEQ_CLS"),
-        "llama": (transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=99),
-                  transformers.LlamaForCausalLM, AutoModelForCausalLM, "CAUSAL_LM"),
-    }
-    config, torch_class, auto_class, task = configs[family]
+    config, torch_class, auto_class, task = _family(family)
     torch.manual_seed(0)
     torch_class(config).save_pretrained(tmp_path)
     torch_model = peft.get_peft_model(torch_class.from_pretrained(tmp_path), peft.IA3Config(task_type=task))
