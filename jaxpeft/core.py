@@ -97,9 +97,11 @@ def init_adapters(key: jax.Array, config: PeftConfig, apply_fn: Callable, variab
     if adapter_name in adapter_names(variables):
         raise AdapterError(f"an adapter named {adapter_name!r} already exists; pass another adapter_name=")
     trace = trace_layers(apply_fn, variables, sample_args, sample_kwargs)
-    create_key, _ = jax.random.split(key)
+    create_key, finish_key = jax.random.split(key)
     new_leaves = method.create(create_key, config, trace, adapter_dtype)
     flat = flatten(params)
+    if hasattr(method, "finish"):  # steps that need the base weights' values (DoRA's magnitude, PiSSA)
+        new_leaves, flat = method.finish(finish_key, config, trace, new_leaves, flat)
     for (path, leaf_key), value in new_leaves.items():
         flat[path + (leaf_key, adapter_name)] = value
     for path in _saved_module_paths(config, trace):
@@ -264,11 +266,12 @@ def _apply_to_layers(variables: Any, config: PeftConfig, adapters: Any, adapter_
     method = method_for(config)
     if not hasattr(method, "merge_layer"):
         raise AdapterError(f"{config.peft_type} adapters cannot be merged into the base weights")
-    groups = _layer_groups(adapters, adapter_name, method.leaf_keys)
+    groups = _layer_groups(adapters, adapter_name, method.leaf_keys + getattr(method, "optional_leaf_keys", ()))
     if not groups:
         raise AdapterError(f"no adapter {adapter_name!r} to merge (adapters present: "
                            f"{adapter_names(adapters) or 'none'})")
     flat = flatten(_params(variables))
+    original_flat = flatten(_params(adapters)) if sign < 0 and hasattr(method, "unmerge_layer") else None
     for path, leaves in groups.items():
         missing = [key for key in method.leaf_keys if key not in leaves]
         if missing:
@@ -277,7 +280,12 @@ def _apply_to_layers(variables: Any, config: PeftConfig, adapters: Any, adapter_
         layer_params = {p[-1]: leaf for p, leaf in flat.items() if p[:-1] == path}
         if not layer_params:
             raise AdapterError(f"layer {'.'.join(path)} of the adapter is not in the variables")
-        for name, leaf in method.merge_layer(config, layer_params, leaves, sign).items():
+        if original_flat is not None:
+            original_params = {p[-1]: leaf for p, leaf in original_flat.items() if p[:-1] == path}
+            new_params = method.unmerge_layer(config, layer_params, leaves, original_params)
+        else:
+            new_params = method.merge_layer(config, layer_params, leaves, sign)
+        for name, leaf in new_params.items():
             flat[path + (name,)] = leaf
     return _with_params(variables, unflatten_like(flat, variables["params"]))
 

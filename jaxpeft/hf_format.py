@@ -7,6 +7,8 @@ torch PEFT's tensor names and layouts:
   the transposes, ``(*input axes, r)`` and ``(r, *output axes)``; DenseGeneral and Einsum axes are flattened, Conv
   factors take torch's ``[r, in, *window]`` and ``[out, r, 1, ...]``);
 - ``.lora_embedding_A`` ``[r, vocab]`` and ``.lora_embedding_B`` ``[dim, r]`` for embeddings;
+- with DoRA, ``.lora_magnitude_vector`` ``[out]`` (``[1, out, 1, ...]`` for Conv; DenseGeneral output axes
+  flattened);
 - the trained copies of ``modules_to_save`` under the module's own names (``base_model.model.score.weight``, torch
   layout: a Linear weight is the Dense kernel transposed), and with ``bias="all"``/``"lora_only"`` the trained
   biases (``...q_proj.base_layer.bias`` for an adapted layer).
@@ -38,7 +40,7 @@ from jaxpeft import _targets
 from jaxpeft._tracing import Trace, trace_layers
 from jaxpeft.config import ConfigError, PeftConfig
 from jaxpeft.core import AdapterError, init_adapters
-from jaxpeft.methods.lora import LoraConfig, _split_kernel
+from jaxpeft.methods.lora import MAGNITUDE, LoraConfig, _split_kernel
 from jaxpeft.tree import ADAPTER_KEYS, SAVED_MODULES_KEY, adapter_names, flatten, strip_adapters, unflatten_like
 
 CONFIG_NAME = "adapter_config.json"
@@ -159,6 +161,14 @@ def _lora_layout(kind: str, factor: str, jax_shape: tuple[int, ...], window_ndim
     return _matrix_layout(jax_shape, 1, transpose=True)
 
 
+def _magnitude_layout(kind: str, jax_shape: tuple[int, ...], window_ndim: int):
+    """(torch shape, to_hf, from_hf) of one layer's DoRA magnitude ``(*output axes)``."""
+    if kind == "conv":  # (out,) -> [1, out, 1, ...]
+        hf_shape = (1,) + tuple(jax_shape) + (1,) * window_ndim
+        return hf_shape, lambda x: x.reshape(hf_shape), lambda t: t.reshape(jax_shape)
+    return _plain_layout(jax_shape, flat=True)
+
+
 def _kernel_layout(kind: str, jax_shape: tuple[int, ...], n_in: int, conv1d: bool):
     """(torch shape, to_hf, from_hf) of one layer's kernel (``weight`` in torch)."""
     if kind == "embed":
@@ -233,11 +243,17 @@ def _slots(trace: Trace, flat: dict[Path, Any], adapter_name: str, conv1d: tuple
         b_layout = _lora_layout(layer.kind, "lora_B", b_shape, window_ndim=len(a_shape) - 2)
         suffix_a, suffix_b = (("lora_embedding_A", "lora_embedding_B") if layer.kind == "embed"
                               else ("lora_A.weight", "lora_B.weight"))
+        magnitude_path = layer_path + (MAGNITUDE, adapter_name)
+        if magnitude_path in flat:
+            m_shape = tuple(np.shape(nn.meta.unbox(flat[magnitude_path])))[stack_ndim:]
+            m_layout = _magnitude_layout(layer.kind, m_shape, window_ndim=len(a_shape) - 2)
         for index, name in covered.items():
             adapter_slots[f"{name}.{suffix_a}"] = _Slot(layer_path + ("lora_A", adapter_name), index, a_shape,
                                                         *a_layout)
             adapter_slots[f"{name}.{suffix_b}"] = _Slot(layer_path + ("lora_B", adapter_name), index, b_shape,
                                                         *b_layout)
+            if magnitude_path in flat:
+                adapter_slots[f"{name}.{MAGNITUDE}"] = _Slot(magnitude_path, index, m_shape, *m_layout)
 
     saved_modules: set[Path] = set()
     marker = (SAVED_MODULES_KEY, adapter_name)

@@ -6,10 +6,18 @@ Leaves kept in an adapted layer's parameters, for adapter ``name``:
   Einsum, kernel window and input channels for Conv, the vocabulary for Embed) map to the rank;
 - ``lora_B/<name>``: ``(*stack, r, *output axes)``;
 - ``lora_scaling/<name>``: ``(*stack,)`` float32, ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) per layer, 0 where
-  ``layers_to_transform`` leaves a layer of a scanned stack alone. A constant, never trained.
+  ``layers_to_transform`` leaves a layer of a scanned stack alone. A constant, never trained;
+- with ``use_dora=True``, ``lora_magnitude_vector/<name>``: ``(*stack, *output axes)``, DoRA's magnitude ``m``,
+  initialised to the norm of ``W + scaling * A B`` over the input axes (HF PEFT's ``lora_magnitude_vector``).
+
+DoRA (Liu et al., 2024) rescales each output of ``x W + scaling * x A B`` by ``m / ||W + scaling * A B||``, with the
+norm treated as a constant (no gradient), as HF PEFT computes it. PiSSA (``init_lora_weights="pissa"`` or
+``"pissa_niter_<n>"``) starts A and B at the principal singular components of the kernel and leaves the residual in
+the kernel: ``init_adapters`` then returns a changed base kernel.
 
 ``A`` is the transpose of HF PEFT's ``lora_A.weight`` ([r, in]) and ``B`` that of ``lora_B.weight`` ([out, r]).
-The forward pass never forms ``W + BA``: that would cost a full-size weight gradient in training.
+Plain LoRA's forward pass never forms ``W + BA``: that would cost a full-size weight gradient in training. DoRA needs
+its column norms, computed from ``W + BA`` without gradient.
 """
 
 from __future__ import annotations
@@ -30,9 +38,13 @@ from jaxpeft.config import PeftConfig, check, strict_options
 from jaxpeft.core import AdapterError, register_method, resolve_layers
 from jaxpeft.tree import register_adapter_keys
 
-INIT_OPTIONS = (True, False, "gaussian")
+INIT_OPTIONS = (True, False, "gaussian", "pissa")
+PISSA_NITER_PREFIX = "pissa_niter_"
 BIAS_OPTIONS = ("none", "all", "lora_only")
 KINDS = ("dense", "dense_general", "embed", "conv", "einsum")
+DORA_KINDS = ("dense", "dense_general", "conv")
+PISSA_KINDS = ("dense", "dense_general")
+MAGNITUDE = "lora_magnitude_vector"
 _RANK = "\u03c1"  # the rank axis in einsum specs: a letter no layer spec uses
 
 
@@ -52,10 +64,13 @@ class LoraConfig(PeftConfig):
         use_rslora: scale by ``lora_alpha / sqrt(r)``.
         modules_to_save: modules trained in full (e.g. a new classification head), as adapter-owned copies.
         init_lora_weights: True (kaiming-uniform A, zero B: the model starts unchanged), ``"gaussian"``
-            (A ~ N(0, (1/r)^2), zero B) or False (B random too: for tests).
+            (A ~ N(0, (1/r)^2), zero B), False (B random too: for tests), ``"pissa"`` (A and B from the kernel's r
+            principal singular components, the kernel keeps the residual) or ``"pissa_niter_<n>"`` (the same with a
+            randomized SVD of n power iterations).
         layers_to_transform: layer indices (the first numbered path segment) to adapt, with list targets.
         layers_pattern: the name of the layer list whose index counts (e.g. ``"layers"``).
         rank_pattern / alpha_pattern: ``{regex: value}`` per-module overrides of ``r`` / ``lora_alpha``.
+        use_dora: DoRA: a trained per-output magnitude rescales the adapted weight (Dense, DenseGeneral, Conv).
 
     Example:
         >>> import jaxpeft
@@ -89,9 +104,9 @@ class LoraConfig(PeftConfig):
         check(self.lora_alpha > 0, f"lora_alpha must be positive, got lora_alpha={self.lora_alpha!r}")
         check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got lora_dropout={self.lora_dropout!r}")
         check(self.bias in BIAS_OPTIONS, f"bias={self.bias!r} is unknown; use one of {', '.join(BIAS_OPTIONS)}")
-        check(self.init_lora_weights in INIT_OPTIONS,
-              f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or 'gaussian'")
-        check(not self.use_dora, "use_dora=True is not supported yet; use plain LoRA (use_dora=False)")
+        check(self.init_lora_weights in INIT_OPTIONS or _pissa_niter(self.init_lora_weights) is not None,
+              f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False, 'gaussian', "
+              "'pissa' or 'pissa_niter_<n>'")
         check(not self.lora_bias, "lora_bias=True is not supported; use lora_bias=False")
         for key, rank in self.rank_pattern.items():
             check(isinstance(rank, int) and rank > 0, f"rank_pattern[{key!r}]={rank!r} must be a positive integer")
@@ -118,6 +133,18 @@ class LoraConfig(PeftConfig):
 
 
 LoRAConfig = LoraConfig
+
+
+def _pissa_niter(init: Any) -> int | None:
+    """n for ``init_lora_weights="pissa_niter_<n>"`` (a positive integer), else None."""
+    if not isinstance(init, str) or not init.startswith(PISSA_NITER_PREFIX):
+        return None
+    digits = init[len(PISSA_NITER_PREFIX):]
+    return int(digits) if digits.isdigit() and int(digits) > 0 else None
+
+
+def _is_pissa(config: LoraConfig) -> bool:
+    return config.init_lora_weights == "pissa" or _pissa_niter(config.init_lora_weights) is not None
 
 
 # ----- shapes: which kernel axes are inputs and which are outputs -----
@@ -158,6 +185,12 @@ def _split_kernel(layer: Layer) -> tuple[tuple[int, ...], tuple[int, ...]]:
 # ----- create -----
 
 def _create_layer(key: jax.Array, config: LoraConfig, layer: Layer, dtype: Any) -> dict[str, jax.Array]:
+    if config.use_dora and layer.kind not in DORA_KINDS:
+        raise AdapterError(f"DoRA cannot adapt {layer.name} (a {type(layer.module).__name__}); it adapts "
+                           f"{', '.join(DORA_KINDS)} layers: exclude it or set use_dora=False")
+    if _is_pissa(config) and layer.kind not in PISSA_KINDS:
+        raise AdapterError(f"PiSSA cannot initialise {layer.name} (a {type(layer.module).__name__}); it needs "
+                           f"{', '.join(PISSA_KINDS)} layers: exclude it or use another init_lora_weights")
     in_axes, out_axes = _split_kernel(layer)
     ranks = {config.rank_for(name) for name in layer.virtual_paths.values()}
     scalings = {index: config.scaling_for(name) for index, name in layer.virtual_paths.items()}
@@ -191,7 +224,10 @@ def _create_layer(key: jax.Array, config: LoraConfig, layer: Layer, dtype: Any) 
         active = (scaling != 0).reshape(stack + (1,) * (len(a_shape) - len(stack)))
         a = jnp.where(active, a, 0)
         b = jnp.where(active.reshape(stack + (1,) * (len(b_shape) - len(stack))), b, 0)
-    return {"lora_A": a, "lora_B": b, "lora_scaling": jnp.asarray(scaling)}
+    leaves = {"lora_A": a, "lora_B": b, "lora_scaling": jnp.asarray(scaling)}
+    if config.use_dora:
+        leaves[MAGNITUDE] = jnp.ones(stack + out_axes, dtype)  # the kernel's norms: set by finish()
+    return leaves
 
 
 def create(key: jax.Array, config: LoraConfig, trace: Trace, dtype: Any) -> dict[tuple[tuple[str, ...], str], Any]:
@@ -202,6 +238,65 @@ def create(key: jax.Array, config: LoraConfig, trace: Trace, dtype: Any) -> dict
         for leaf_key, value in _create_layer(jax.random.fold_in(key, i), config, layer, dtype).items():
             leaves[(path, leaf_key)] = value
     return leaves
+
+
+def _output_norm(weight: jax.Array, stack_ndim: int, n_out: int) -> jax.Array:
+    """The L2 norm of a float32 kernel ``(*stack, *input axes, *output axes)`` over its input axes."""
+    return jnp.sqrt(jnp.sum(jnp.square(weight), axis=tuple(range(stack_ndim, weight.ndim - n_out))))
+
+
+def _pissa(key: jax.Array, config: LoraConfig, a: jax.Array, b: jax.Array, scaling: jax.Array,
+           kernel: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """PiSSA's (A, B, residual kernel) for a stacked kernel, as HF PEFT's ``pissa_init`` on ``W = kernel.T``."""
+    stack, rank = scaling.shape, a.shape[-1]
+    n_in, n_out = math.prod(a.shape[len(stack):-1]), math.prod(b.shape[len(stack) + 1:])
+    weight = kernel.astype(jnp.float32).reshape(stack + (n_in, n_out))
+    niter = _pissa_niter(config.init_lora_weights)
+    if niter is None:
+        u, s, vh = jnp.linalg.svd(weight, full_matrices=False)
+        u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    else:
+        u, s, vh = _randomized_svd(key, weight, rank, niter)
+    active = scaling != 0
+    root = jnp.where(active[..., None], jnp.sqrt(s / jnp.where(active, scaling, 1.0)[..., None]), 0.0)
+    new_a = u * root[..., None, :]
+    new_b = root[..., :, None] * vh
+    residual = weight - scaling[..., None, None] * (new_a @ new_b)
+    return (new_a.reshape(a.shape).astype(a.dtype), new_b.reshape(b.shape).astype(b.dtype),
+            residual.reshape(kernel.shape).astype(kernel.dtype))
+
+
+def _randomized_svd(key: jax.Array, weight: jax.Array, rank: int, niter: int):
+    """Rank-``rank`` SVD of the (stacked) matrices ``weight`` by subspace iteration (like ``torch.svd_lowrank``)."""
+    basis = jnp.linalg.qr(weight @ jax.random.normal(key, weight.shape[:-2] + (weight.shape[-1], rank)))[0]
+    for _ in range(niter):
+        basis = jnp.linalg.qr(weight.mT @ basis)[0]
+        basis = jnp.linalg.qr(weight @ basis)[0]
+    u, s, vh = jnp.linalg.svd(basis.mT @ weight, full_matrices=False)
+    return basis @ u, s, vh
+
+
+def finish(key: jax.Array, config: LoraConfig, trace: Trace, leaves: dict, flat_params: dict) -> tuple[dict, dict]:
+    """The leaves and base params after the steps that need the kernels' values: PiSSA's SVD (which also replaces
+    the kernel by its residual) and DoRA's magnitude ``||W + scaling * A B||``. Neither input is changed."""
+    if not (config.use_dora or _is_pissa(config)):
+        return leaves, flat_params
+    leaves, flat_params = dict(leaves), dict(flat_params)
+    for i, path in enumerate(sorted({path for path, _ in leaves})):
+        boxed = flat_params[path + ("kernel",)]
+        kernel = jnp.asarray(nn.meta.unbox(boxed))
+        a, b, scaling = (leaves[(path, k)] for k in ("lora_A", "lora_B", "lora_scaling"))
+        if _is_pissa(config):
+            a, b, kernel = _pissa(jax.random.fold_in(key, i), config, a, b, scaling, kernel)
+            leaves[(path, "lora_A")], leaves[(path, "lora_B")] = a, b
+            flat_params[path + ("kernel",)] = (boxed.replace_boxed(kernel) if isinstance(boxed, nn.meta.AxisMetadata)
+                                               else kernel)
+        if config.use_dora:
+            magnitude = leaves[(path, MAGNITUDE)]
+            weight = kernel.astype(jnp.float32) + delta_weight(a, b, scaling)
+            norm = _output_norm(weight, scaling.ndim, magnitude.ndim - scaling.ndim)
+            leaves[(path, MAGNITUDE)] = norm.astype(magnitude.dtype)
+    return leaves, flat_params
 
 
 # ----- forward -----
@@ -273,9 +368,25 @@ def interceptor(config: LoraConfig, adapter_name: str, dropout: bool):
             # Scaling the rank-sized hidden activations costs far less than scaling the output.
             hidden = _down(kind, module, x, a.astype(compute_dtype)) * scaling.astype(compute_dtype)
             update = _up(kind, module, hidden, b.astype(compute_dtype))
+            if not config.use_dora:
+                return out + update
+            # HF PEFT's DoRA: out + (m / ||W + s A B|| - 1) * (x W) + m / ||W + s A B|| * s x A B, where x W has
+            # no bias and uses the dropped-out x when dropout runs; the norm is a constant for the gradient.
+            magnitude = nn.meta.unbox(module.get_variable("params", MAGNITUDE)[adapter_name])
+            weight = kernel.astype(jnp.float32) + delta_weight(a, b, scaling)
+            norm = jax.lax.stop_gradient(_output_norm(weight, scaling.ndim, magnitude.ndim - scaling.ndim))
+            # Layers of a stack that the adapter leaves alone (scaling 0) stay exactly the base layer.
+            scale = jnp.where(scaling != 0, magnitude.astype(jnp.float32) / norm, 1.0).astype(compute_dtype)
+            if dropout:
+                base = next_fun(*((x,) + tuple(args[1:])), **kwargs) if args else next_fun(
+                    **{**kwargs, next(iter(kwargs)): x})
+            else:
+                base = out
+            if module.has_variable("params", "bias"):
+                base = base - nn.meta.unbox(module.get_variable("params", "bias")).astype(compute_dtype)
         finally:
             busy.pop()
-        return out + update
+        return out + (scale - 1) * base + scale * update
 
     return adapt
 
@@ -301,22 +412,57 @@ def merge_layer(config: LoraConfig, layer_params: dict, leaves: dict, sign: floa
     delta = delta_weight(a, b, scaling)
     if delta.shape != value.shape:
         raise AdapterError(f"adapter shape {delta.shape} does not fit the layer's {kernel_name} {value.shape}")
-    merged = (value.astype(jnp.float32) + sign * delta).astype(value.dtype)
+    if MAGNITUDE in leaves:
+        if sign < 0:
+            raise AdapterError("unmerging a DoRA adapter needs the original kernel; use jaxpeft.unmerge")
+        merged = _dora_factor(value, delta, leaves, scaling) * (value.astype(jnp.float32) + delta)
+    else:
+        merged = value.astype(jnp.float32) + sign * delta
+    merged = merged.astype(value.dtype)
     return {kernel_name: kernel.replace_boxed(merged) if isinstance(kernel, nn.meta.AxisMetadata) else merged}
+
+
+def _dora_factor(original: jax.Array, delta: jax.Array, leaves: dict, scaling: jax.Array) -> jax.Array:
+    """``m / ||W + scaling * A B||`` (1 where scaling is 0), shaped to multiply the kernel."""
+    magnitude = jnp.asarray(nn.meta.unbox(leaves[MAGNITUDE]), jnp.float32)
+    n_out = magnitude.ndim - scaling.ndim
+    norm = _output_norm(original.astype(jnp.float32) + delta, scaling.ndim, n_out)
+    factor = jnp.where(scaling.reshape(scaling.shape + (1,) * n_out) != 0, magnitude / norm, 1.0)
+    n_in = delta.ndim - magnitude.ndim
+    return factor.reshape(scaling.shape + (1,) * n_in + magnitude.shape[scaling.ndim:])
+
+
+def unmerge_layer(config: LoraConfig, layer_params: dict, leaves: dict, original_params: dict) -> dict:
+    """Takes the adapter out of merged layer params; DoRA divides by the factor merge used, which needs the
+    original kernel (``original_params``, the layer's params in the tree that was merged)."""
+    if MAGNITUDE not in leaves:
+        return merge_layer(config, layer_params, leaves, -1.0)
+    if "kernel" not in original_params:
+        raise AdapterError("unmerging a DoRA adapter needs the original kernel: pass the variables that were merged")
+    kernel = layer_params["kernel"]
+    value = nn.meta.unbox(kernel)
+    a, b, scaling = (jnp.asarray(nn.meta.unbox(leaves[k])) for k in ("lora_A", "lora_B", "lora_scaling"))
+    delta = delta_weight(a, b, scaling)
+    factor = _dora_factor(jnp.asarray(nn.meta.unbox(original_params["kernel"])), delta, leaves, scaling)
+    restored = (value.astype(jnp.float32) / factor - delta).astype(value.dtype)
+    return {"kernel": kernel.replace_boxed(restored) if isinstance(kernel, nn.meta.AxisMetadata) else restored}
 
 
 class _LoraMethod:
     leaf_keys = ("lora_A", "lora_B", "lora_scaling")
+    optional_leaf_keys = (MAGNITUDE,)
 
     create = staticmethod(create)
+    finish = staticmethod(finish)
     interceptor = staticmethod(interceptor)
     merge_layer = staticmethod(merge_layer)
+    unmerge_layer = staticmethod(unmerge_layer)
 
     @staticmethod
     def trainable_keys(config):
-        return ("lora_A", "lora_B")
+        return ("lora_A", "lora_B", MAGNITUDE) if config.use_dora else ("lora_A", "lora_B")
 
 
 METHOD = _LoraMethod()
 register_method(LoraConfig.peft_type, METHOD)
-register_adapter_keys(("lora_A", "lora_B"), constant=("lora_scaling",))
+register_adapter_keys(("lora_A", "lora_B", MAGNITUDE), constant=("lora_scaling",))
