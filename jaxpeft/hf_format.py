@@ -40,7 +40,7 @@ from jaxpeft import _targets
 from jaxpeft._tracing import Trace, trace_layers
 from jaxpeft.config import ConfigError, PeftConfig
 from jaxpeft.core import AdapterError, init_adapters
-from jaxpeft.methods.lora import MAGNITUDE, LoraConfig, _split_kernel
+from jaxpeft.methods.lora import MAGNITUDE, LoraConfig, kernel_axes
 from jaxpeft.tree import ADAPTER_KEYS, SAVED_MODULES_KEY, adapter_names, flatten, strip_adapters, unflatten_like
 
 CONFIG_NAME = "adapter_config.json"
@@ -204,7 +204,7 @@ def _base_leaf_layout(trace: Trace, owner: Path, leaf_name: str, shape: tuple[in
     layer = trace.layers.get(owner)
     if layer is not None and leaf_name in ("kernel", "embedding"):
         try:
-            n_in = len(_split_kernel(layer)[0])
+            n_in = len(kernel_axes(layer)[0])
         except AdapterError:  # a layer LoRA cannot adapt (e.g. an Einsum with batch axes): no torch name for it
             return None
         is_conv1d = layer.kind == "dense" and owner[-1] in conv1d

@@ -162,7 +162,7 @@ def _einsum_axes(module: nn.Einsum) -> tuple[str, str, str, str, str]:
     return x_spec, k_spec, out, in_letters, out_letters
 
 
-def _split_kernel(layer: Layer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def kernel_axes(layer: Layer) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(input axes, output axes) of one layer's kernel, as LoRA's A and B see them."""
     shape, module = layer.kernel_shape, layer.module
     if layer.kind in ("dense", "embed"):
@@ -191,7 +191,7 @@ def _create_layer(key: jax.Array, config: LoraConfig, layer: Layer, dtype: Any) 
     if _is_pissa(config) and layer.kind not in PISSA_KINDS:
         raise AdapterError(f"PiSSA cannot initialise {layer.name} (a {type(layer.module).__name__}); it needs "
                            f"{', '.join(PISSA_KINDS)} layers: exclude it or use another init_lora_weights")
-    in_axes, out_axes = _split_kernel(layer)
+    in_axes, out_axes = kernel_axes(layer)
     ranks = {config.rank_for(name) for name in layer.virtual_paths.values()}
     scalings = {index: config.scaling_for(name) for index, name in layer.virtual_paths.items()}
     if len(ranks) > 1:
