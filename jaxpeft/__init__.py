@@ -1,18 +1,23 @@
 """jaxpeft: parameter-efficient fine-tuning for JAX and Flax."""
 
 from jaxpeft.config import ConfigError, PeftConfig
-from jaxpeft.core import AdapterError, freeze, init_adapters, merge, rewrite, trainable_mask, unmerge
+from jaxpeft.core import AdapterError, AdapterMix, freeze, init_adapters, merge, rewrite, trainable_mask, unmerge
 from jaxpeft.hf_format import config_from_hf_dict, config_to_hf_dict, load_adapter, save_adapter
 from jaxpeft.methods.bitfit import BitFitConfig
+from jaxpeft.methods.bottleneck import AdapterConfig
 from jaxpeft.methods.ia3 import IA3Config
 from jaxpeft.methods.lora import LoRAConfig, LoraConfig
+from jaxpeft.methods.prefix_tuning import PrefixTuningConfig
+from jaxpeft.methods.prompt_tuning import PromptTuningConfig, extend_labels
 from jaxpeft.peft_model import PeftModel, get_peft_model
 from jaxpeft.tree import ParameterCount, adapter_names, combine, count_parameters, partition, strip_adapters
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterConfig",
     "AdapterError",
+    "AdapterMix",
     "BitFitConfig",
     "ConfigError",
     "IA3Config",
@@ -21,11 +26,14 @@ __all__ = [
     "ParameterCount",
     "PeftConfig",
     "PeftModel",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "adapter_names",
     "combine",
     "config_from_hf_dict",
     "config_to_hf_dict",
     "count_parameters",
+    "extend_labels",
     "freeze",
     "get_peft_model",
     "init_adapters",

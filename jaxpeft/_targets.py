@@ -50,6 +50,12 @@ def pattern_value(name: str, pattern: dict[str, Any], default: Any) -> Any:
     return default
 
 
+def matches_saved(name: str, modules_to_save: Sequence[str] | None) -> bool:
+    """HF PEFT's rule for ``modules_to_save``: the dotted path ends with one of the names (``"classifier"`` also
+    selects DistilBERT's ``pre_classifier``)."""
+    return bool(modules_to_save) and any(name.endswith(m) for m in modules_to_save)
+
+
 def is_saved_module(name: str, modules_to_save: Sequence[str] | None) -> bool:
-    """Whether the module is, or lies inside, one of ``modules_to_save``."""
-    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save)
+    """Whether the module is, or lies inside, one of ``modules_to_save`` (matched as ``matches_saved`` does)."""
+    return bool(modules_to_save) and any(re.match(rf".*{re.escape(m)}($|\..*)", name) for m in modules_to_save)

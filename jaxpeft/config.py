@@ -83,3 +83,34 @@ def check(condition: bool, message: str) -> None:
     """Raises ``ConfigError(message)`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(message)
+
+
+# peft_type -> config class, filled by the method modules (``@register_config``) when they are imported.
+CONFIG_CLASSES: dict[str, type[PeftConfig]] = {}
+
+
+def register_config(cls: type[PeftConfig]) -> type[PeftConfig]:
+    """Class decorator: makes ``cls`` the config class of adapters whose ``peft_type`` is ``cls.peft_type``."""
+    if not cls.peft_type:
+        raise TypeError(f"{cls.__name__} sets no peft_type")
+    CONFIG_CLASSES[cls.peft_type] = cls
+    return cls
+
+
+def config_class(peft_type: str) -> type[PeftConfig]:
+    """The config class registered for ``peft_type`` (as in an ``adapter_config.json``).
+
+    Example:
+        >>> import jaxpeft
+        >>> from jaxpeft.config import config_class
+        >>> config_class("IA3").__name__
+        'IA3Config'
+        >>> config_class("ADALORA")
+        Traceback (most recent call last):
+        ...
+        jaxpeft.config.ConfigError: peft_type='ADALORA' is not supported by jaxpeft; supported: ...IA3, LORA...
+    """
+    if peft_type not in CONFIG_CLASSES:
+        raise ConfigError(f"peft_type={peft_type!r} is not supported by jaxpeft; supported: "
+                          f"{', '.join(sorted(CONFIG_CLASSES))}")
+    return CONFIG_CLASSES[peft_type]

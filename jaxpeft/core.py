@@ -14,7 +14,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import flax.linen as nn
+import flax.struct
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxpeft import _targets
@@ -23,6 +25,7 @@ from jaxpeft.config import PeftConfig
 from jaxpeft.tree import ADAPTER_KEYS, SAVED_MODULES_KEY, adapter_names, flatten, strip_adapters, unflatten_like
 
 Path = tuple[str, ...]
+BASE = "__base__"  # in a mixed batch: the row runs the base model, no adapter
 
 
 class AdapterError(ValueError):
@@ -45,6 +48,14 @@ class Method(Protocol):
 
     def trainable_keys(self, config: Any) -> tuple[str, ...]:
         """Keys of the leaves that train."""
+
+    # Optional hooks:
+    #   finish(key, config, trace, new_leaves, flat_params) -> (new_leaves, flat_params): steps that need the base
+    #       weights' values (DoRA's magnitude, PiSSA, prompt tuning's TEXT init).
+    #   unmerge_layer(config, layer_params, leaves, original_params) -> layer_params: when sign=-1 is not exact.
+    #   call(config, adapter_name, apply_fn, variables, args, kwargs, dropout) -> output: for methods that change
+    #       the call itself (prompt and prefix tuning keep their leaves at the top of ``params``, path ``()``, and
+    #       pass virtual tokens or key/values to the model); used instead of ``interceptor``.
 
 
 _METHODS: dict[str, Method] = {}
@@ -124,10 +135,10 @@ def _saved_module_paths(config: PeftConfig, trace: Trace) -> list[Path]:
         return []
     found = []
     for path, virtual in trace.module_virtual_paths.items():
-        if path and any(_targets.matches(name, wanted) for name in virtual.values()):
+        if path and any(_targets.matches_saved(name, wanted) for name in virtual.values()):
             if not any(path[:len(p)] == p for p in found):
                 found.append(path)
-    missing = [m for m in wanted if not any(_targets.matches(n, [m]) for p in found
+    missing = [m for m in wanted if not any(_targets.matches_saved(n, [m]) for p in found
                                             for n in trace.module_virtual_paths[p].values())]
     if missing:
         raise AdapterError(f"modules_to_save {missing} matched no module; modules that exist: "
@@ -157,14 +168,117 @@ def _dropout_requested(kwargs: dict) -> bool:
     return "dropout" in rngs and not deterministic
 
 
+@flax.struct.dataclass
+class AdapterMix:
+    """Which adapter each example of a batch runs (HF PEFT's mixed-adapter batches), as one jittable value.
+
+    Row ``i`` runs adapter ``names[index[i]]``; the name ``"__base__"`` runs the plain base model. Pass it as
+    ``adapter_name=`` to a rewritten apply: the whole batch is computed in one call (each adapted layer computes
+    the outputs of the adapters present in the batch and every row takes its own). ``names`` is static (a new set
+    of names traces again, their order does not), ``index`` is an ordinary array.
+
+    Example:
+        >>> import jaxpeft
+        >>> mix = jaxpeft.AdapterMix.of(["a", "__base__", "a"])
+        >>> mix.names, mix.index.tolist()
+        (('__base__', 'a'), [1, 0, 1])
+    """
+
+    index: jax.Array
+    names: tuple[str, ...] = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def of(cls, adapter_names: Any) -> AdapterMix:
+        """The mix for one adapter name per example."""
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError("adapter_names must be a list with one adapter name (or '__base__') per example")
+        names = tuple(sorted(set(adapter_names)))  # any order of the same names reuses one trace
+        return cls(jnp.asarray([names.index(n) for n in adapter_names], jnp.int32), names)
+
+
+def _own_adapter_names(module: nn.Module) -> set[str]:
+    """Names of the adapters that keep leaves in this module's own parameters (not its submodules')."""
+    params = module.variables.get("params", {})
+    found: set[str] = set()
+    for key in ADAPTER_KEYS.intersection(params):
+        found.update(params[key])
+    return found
+
+
+def _run_saved_copy(name: str, args, kwargs, context):
+    """A module in ``modules_to_save`` run with the named adapter's copy of its parameters."""
+    module = context.module
+    copy = module.variables["params"][SAVED_MODULES_KEY][name]
+    rngs = {"dropout": module.make_rng("dropout")} if module.scope.has_rng("dropout") else None
+    return module.clone(parent=None).apply({"params": copy}, *args, rngs=rngs,
+                                           method=context.method_name, **kwargs)
+
+
+def _mixed_apply(apply_fn: Callable, configs: dict[str, PeftConfig], variables: Any, mix: AdapterMix,
+                 args: tuple, kwargs: dict) -> Any:
+    present = adapter_names(variables)
+    for name in mix.names:
+        if name == BASE:
+            continue
+        if name not in configs or name not in present:
+            raise AdapterError(f"adapter_names mentions {name!r}, which is not an adapter here (adapters: "
+                               f"{sorted(set(configs) & set(present))}; use '__base__' for the base model)")
+        if hasattr(method_for(configs[name]), "call"):
+            raise AdapterError(f"adapter {name!r} is {configs[name].peft_type}, which changes the whole call and "
+                               "cannot share a batch with other adapters; run it on its own")
+    dropout = _dropout_requested(kwargs)
+    single = {name: method_for(configs[name]).interceptor(configs[name], name, dropout)
+              for name in mix.names if name != BASE}
+    batch_size = mix.index.shape[0]
+    running: list[str] = []  # inside an adapted module: the adapter that module and its submodules run
+
+    def run_as(name, next_fun, args, kwargs, context):
+        if name == BASE:
+            return next_fun(*args, **kwargs)
+        if name in context.module.variables["params"].get(SAVED_MODULES_KEY, {}):
+            return _run_saved_copy(name, args, kwargs, context)
+        return single[name](next_fun, args, kwargs, context)
+
+    def call_again_as(name, args, kwargs, context):
+        # A fresh call of the module (flax runs a compact method once per call), intercepted as ``name``.
+        running.append(name)
+        try:
+            return getattr(context.module, context.method_name)(*args, **kwargs)
+        finally:
+            running.pop()
+
+    def select(row_mask, adapted, out):
+        if jnp.ndim(out) == 0 or jnp.shape(out)[0] != batch_size:
+            raise AdapterError(f"a mixed batch needs the batch on axis 0 of every adapted module's output; got an "
+                               f"output shaped {jnp.shape(out)} for a batch of {batch_size}")
+        return jnp.where(row_mask.reshape((batch_size,) + (1,) * (jnp.ndim(out) - 1)), adapted, out)
+
+    def mixed(next_fun, args, kwargs, context):
+        if running:  # inside a module that runs as one adapter: it and its submodules run as that adapter
+            return run_as(running[-1], next_fun, args, kwargs, context)
+        here = [name for name in mix.names if name in _own_adapter_names(context.module)]
+        if not here:
+            return next_fun(*args, **kwargs)
+        out = call_again_as(BASE, args, kwargs, context)
+        for name in here:
+            adapted = call_again_as(name, args, kwargs, context)
+            row_mask = mix.index == mix.names.index(name)
+            out = jax.tree_util.tree_map(functools.partial(select, row_mask), adapted, out)
+        return out
+
+    with nn.intercept_methods(mixed):
+        return apply_fn(variables, *args, **kwargs)
+
+
 def rewrite(apply_fn: Callable, config: PeftConfig | dict[str, PeftConfig]) -> Callable:
     """Returns ``apply_fn`` rewritten to use adapters: same signature plus a keyword ``adapter_name``.
 
     ``config`` is one config (its adapter is named ``"default"``) or a dict ``{adapter name: config}``; the
-    first name is the active one unless the call passes ``adapter_name=`` (``None`` runs the plain base model).
+    first name is the active one unless the call passes ``adapter_name=`` (``None`` runs the plain base model, an
+    ``AdapterMix`` runs a different adapter per example).
     The result is a pure function: jit it (with ``static_argnames="adapter_name"`` to switch adapters in a
     jitted call), differentiate it, vmap it. Adapter dropout runs when the call passes a
-    ``'dropout'`` rng and not ``deterministic=True``/``train=False``.
+    ``'dropout'`` rng and not ``deterministic=True``/``train=False`` (and the config's dropout rate is not 0).
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxpeft
@@ -188,9 +302,11 @@ def rewrite(apply_fn: Callable, config: PeftConfig | dict[str, PeftConfig]) -> C
     first_name = next(iter(configs))
 
     @functools.wraps(apply_fn)
-    def adapted_apply(variables, *args, adapter_name: str | None = first_name, **kwargs):
+    def adapted_apply(variables, *args, adapter_name: str | AdapterMix | None = first_name, **kwargs):
         if adapter_name is None:
             return apply_fn(variables, *args, **kwargs)
+        if isinstance(adapter_name, AdapterMix):
+            return _mixed_apply(apply_fn, configs, variables, adapter_name, args, kwargs)
         if adapter_name not in configs:
             raise AdapterError(f"no config for adapter {adapter_name!r}; this apply knows {sorted(configs)}")
         present = adapter_names(variables)
@@ -198,10 +314,13 @@ def rewrite(apply_fn: Callable, config: PeftConfig | dict[str, PeftConfig]) -> C
             raise AdapterError(f"the variables lack adapter {adapter_name!r} (they hold {present or 'none'}); "
                                "create it with jaxpeft.init_adapters first")
         active = configs[adapter_name]
-        dropout = getattr(active, "lora_dropout", 0.0) > 0 and _dropout_requested(kwargs)
-        interceptor = method_for(active).interceptor(active, adapter_name, dropout)
-        with nn.intercept_methods(interceptor):
-            return apply_fn(_swap_saved_modules(variables, adapter_name), *args, **kwargs)
+        method = method_for(active)
+        dropout = _dropout_requested(kwargs)
+        variables = _swap_saved_modules(variables, adapter_name)
+        if hasattr(method, "call"):
+            return method.call(active, adapter_name, apply_fn, variables, args, kwargs, dropout)
+        with nn.intercept_methods(method.interceptor(active, adapter_name, dropout)):
+            return apply_fn(variables, *args, **kwargs)
 
     return adapted_apply
 
@@ -265,7 +384,8 @@ def _layer_groups(variables: Any, adapter_name: str, leaf_keys: tuple[str, ...])
 def _apply_to_layers(variables: Any, config: PeftConfig, adapters: Any, adapter_name: str, sign: float) -> Any:
     method = method_for(config)
     if not hasattr(method, "merge_layer"):
-        raise AdapterError(f"{config.peft_type} adapters cannot be merged into the base weights")
+        raise AdapterError(f"{config.peft_type} adapters cannot be merged into the base weights; keep running the "
+                           "adapted model (PeftModel or jaxpeft.rewrite), or unload() for the base model")
     groups = _layer_groups(adapters, adapter_name, method.leaf_keys + getattr(method, "optional_leaf_keys", ()))
     if not groups:
         raise AdapterError(f"no adapter {adapter_name!r} to merge (adapters present: "

@@ -1,21 +1,37 @@
-"""LoRA adapters as Hugging Face PEFT adapter folders, both ways.
+"""Adapters as Hugging Face PEFT adapter folders, both ways, for every jaxpeft method.
 
-A folder holds ``adapter_config.json`` (the config, as HF PEFT writes it) and ``adapter_model.safetensors``, with
-torch PEFT's tensor names and layouts:
+A folder holds ``adapter_config.json`` (the config as HF PEFT writes it, ``peft_type`` naming the method) and
+``adapter_model.safetensors``. An adapter not named ``"default"`` goes to ``<folder>/<adapter name>``. For the
+methods torch PEFT has, names and layouts are torch PEFT's, so each side loads what the other writes:
 
-- ``base_model.model.<HF module path>.lora_A.weight`` ``[r, in]`` and ``.lora_B.weight`` ``[out, r]`` (jaxpeft keeps
-  the transposes, ``(*input axes, r)`` and ``(r, *output axes)``; DenseGeneral and Einsum axes are flattened, Conv
-  factors take torch's ``[r, in, *window]`` and ``[out, r, 1, ...]``);
-- ``.lora_embedding_A`` ``[r, vocab]`` and ``.lora_embedding_B`` ``[dim, r]`` for embeddings;
-- with DoRA, ``.lora_magnitude_vector`` ``[out]`` (``[1, out, 1, ...]`` for Conv; DenseGeneral output axes
-  flattened);
-- the trained copies of ``modules_to_save`` under the module's own names (``base_model.model.score.weight``, torch
-  layout: a Linear weight is the Dense kernel transposed), and with ``bias="all"``/``"lora_only"`` the trained
-  biases (``...q_proj.base_layer.bias`` for an adapted layer).
+- LoRA (``"LORA"``, with rsLoRA and DoRA): ``base_model.model.<HF module path>.lora_A.weight`` ``[r, in]`` and
+  ``.lora_B.weight`` ``[out, r]`` (jaxpeft keeps the transposes, ``(*input axes, r)`` and ``(r, *output axes)``;
+  DenseGeneral and Einsum axes are flattened, Conv factors take torch's ``[r, in, *window]`` and
+  ``[out, r, 1, ...]``); ``.lora_embedding_A`` ``[r, vocab]`` and ``.lora_embedding_B`` ``[dim, r]`` for
+  embeddings; with DoRA ``.lora_magnitude_vector`` ``[out]`` (``[1, out, 1, ...]`` for Conv); with
+  ``bias="all"``/``"lora_only"`` the trained biases (``...q_proj.base_layer.bias`` for an adapted layer).
+  ``lora_scaling`` is not saved: it is recomputed from the config (``lora_alpha``, ``r``, patterns, rsLoRA).
+- (IA)^3 (``"IA3"``): ``base_model.model.<HF module path>.ia3_l``, ``[out, 1]``, or ``[1, in]`` for a module in
+  ``feedforward_modules`` (GPT-2's Conv1D layers alike), ``[1, channels, 1, ...]`` for Conv (jaxpeft's ``ia3_l``
+  is the same vector shaped like the kernel).
+- Prompt and prefix tuning (``"PROMPT_TUNING"``, ``"PREFIX_TUNING"``): ``prompt_embeddings``, written and read by
+  the method's own hooks (``hf_tensors`` and ``leaves_from_hf``).
+- Every method: the trained copies of ``modules_to_save`` under the module's own names and torch layout (a Linear
+  weight is the Dense kernel transposed, GPT-2's Conv1D weight is not): ``base_model.model.score.weight``, or
+  ``base_model.score.weight`` for prompt and prefix tuning, whose torch model holds the transformers model one
+  level up.
+
+Methods that HF PEFT lacks (BitFit ``"BITFIT"``, bottleneck adapters ``"BOTTLENECK"``, any method whose leaves
+live in the layers) are saved in the same two files in jaxpeft's own layout: one tensor per layer and leaf, named
+``base_model.model.<HF module path>.<leaf key>`` (``.<sub key>...`` added for leaves that are dicts) and shaped
+as jaxpeft keeps the leaf for one layer, e.g. ``base_model.model.transformer.h.0.attn.c_attn.bitfit_bias``
+``[3 * hidden]``. Constant leaves (``bitfit_active``, ...) are not written: loading rebuilds them from the config.
+torch PEFT cannot read these folders.
 
 The layers of a scanned (``nn.scan``) stack are written one by one under their per-layer names and stacked again
-on load; layers of a stack that the adapter leaves alone are not written. ``lora_scaling`` is not saved: it is
-recomputed from the config (``lora_alpha``, ``r``, ``rank_pattern``, ``alpha_pattern``, rsLoRA).
+on load, so a folder saved from a scanned model loads into the unscanned one and back. Layers of a stack that the
+adapter leaves alone are not written: methods mark the layers they cover with a constant ``(*stack,)`` leaf
+(``lora_scaling``, ``ia3_active``, ``bitfit_active``), 0 where a layer is left alone.
 """
 
 from __future__ import annotations
@@ -37,20 +53,28 @@ import safetensors
 import safetensors.numpy
 
 from jaxpeft import _targets
-from jaxpeft._tracing import Trace, trace_layers
-from jaxpeft.config import ConfigError, PeftConfig
-from jaxpeft.core import AdapterError, init_adapters
-from jaxpeft.methods.lora import MAGNITUDE, LoraConfig, kernel_axes
-from jaxpeft.tree import ADAPTER_KEYS, SAVED_MODULES_KEY, adapter_names, flatten, strip_adapters, unflatten_like
+from jaxpeft._tracing import Layer, Trace, trace_layers
+from jaxpeft.config import CONFIG_CLASSES, ConfigError, PeftConfig, config_class
+from jaxpeft.core import AdapterError, Method, init_adapters, method_for
+from jaxpeft.methods.lora import MAGNITUDE, kernel_axes
+from jaxpeft.tree import (
+    ADAPTER_KEYS,
+    CONSTANT_KEYS,
+    SAVED_MODULES_KEY,
+    adapter_names,
+    flatten,
+    strip_adapters,
+    unflatten_like,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
-SUPPORTED_PEFT_TYPES = ("LORA",)
+PROMPT_KEY_PREFIX = "base_model."  # torch PEFT's prompt-learning models hold the transformers model directly
 
 Path = tuple[str, ...]
 
-# Keys HF PEFT writes that do not change what a saved LoRA adapter computes (bookkeeping, or how the weights were
+# Keys HF PEFT writes that do not change what a saved adapter computes (bookkeeping, or how the weights were
 # initialised before training): accepted whatever their value.
 _IGNORED_HF_KEYS = frozenset({
     "auto_mapping", "peft_version", "megatron_config", "megatron_core", "loftq_config", "eva_config",
@@ -60,8 +84,21 @@ _IGNORED_HF_KEYS = frozenset({
 _OFF_VALUES = (None, False, {}, [], "")
 # init_lora_weights values that only say how training started; the saved weights are what counts.
 _SUPPORTED_INIT = (True, False, "gaussian")
+# Options that torch PEFT keeps as sets (written in any order): sorted on reading.
+_SET_OPTIONS = ("target_modules", "exclude_modules", "feedforward_modules")
 # GPT-2's Conv1D layers are Dense layers whose torch weight is [in, out] (jaxpeft's kernel layout).
 _CONV1D_LAYERS = {"gpt2": ("c_attn", "c_proj", "c_fc")}
+
+
+def supported_peft_types() -> list[str]:
+    """The ``peft_type`` values jaxpeft reads and writes.
+
+    Example:
+        >>> from jaxpeft.hf_format import supported_peft_types
+        >>> {"LORA", "IA3", "BITFIT"} <= set(supported_peft_types())
+        True
+    """
+    return sorted(CONFIG_CLASSES)
 
 
 # ----- config <-> adapter_config.json -----
@@ -75,21 +112,22 @@ def config_to_hf_dict(config: PeftConfig) -> dict[str, Any]:
         >>> d = config_to_hf_dict(jaxpeft.LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
         >>> d["peft_type"], d["r"], d["target_modules"]
         ('LORA', 4, ['q_proj', 'v_proj'])
+        >>> config_to_hf_dict(jaxpeft.IA3Config(target_modules=["k_proj"]))["peft_type"]
+        'IA3'
     """
     if not isinstance(config, PeftConfig):
         raise TypeError(f"expected a jaxpeft config such as LoraConfig, got {type(config).__name__}")
-    if config.peft_type not in SUPPORTED_PEFT_TYPES:
-        raise AdapterError(f"cannot write {config.peft_type} adapters in the HF PEFT format; supported: "
-                           f"{', '.join(SUPPORTED_PEFT_TYPES)}")
+    config_class(config.peft_type)
     return json.loads(json.dumps(config.to_dict()))  # tuples become lists, as in the JSON file
 
 
-def config_from_hf_dict(hf_dict: dict[str, Any]) -> LoraConfig:
+def config_from_hf_dict(hf_dict: dict[str, Any]) -> PeftConfig:
     """A jaxpeft config from the dict of an ``adapter_config.json`` written by HF PEFT (or by ``save_adapter``).
 
-    Bookkeeping keys (``peft_version``, ``auto_mapping``, ``megatron_*``, ...) and init-only options are ignored;
-    other unknown keys are accepted when they leave their feature off (``None``, ``False``, empty). Options that
-    would change what the adapter computes and that jaxpeft does not support are a ``ConfigError``.
+    ``peft_type`` picks the config class (``LoraConfig``, ``IA3Config``, ...). Bookkeeping keys (``peft_version``,
+    ``auto_mapping``, ``megatron_*``, ...) and init-only options are ignored; other unknown keys are accepted when
+    they leave their feature off (``None``, ``False``, empty). Options that would change what the adapter computes
+    and that jaxpeft does not support, and unknown ``peft_type`` values, are a ``ConfigError``.
 
     Example:
         >>> from jaxpeft.hf_format import config_from_hf_dict
@@ -97,12 +135,13 @@ def config_from_hf_dict(hf_dict: dict[str, Any]) -> LoraConfig:
         ...                               "peft_version": "0.21.0", "use_qalora": False, "init_lora_weights": "pissa"})
         >>> config.r, config.target_modules, config.init_lora_weights
         (4, ['q_proj'], True)
+        >>> config_from_hf_dict({"peft_type": "IA3", "target_modules": ["v_proj", "k_proj"]}).target_modules
+        ['k_proj', 'v_proj']
     """
-    peft_type = hf_dict.get("peft_type")
-    if peft_type not in SUPPORTED_PEFT_TYPES:
-        raise ConfigError(f"peft_type={peft_type!r} is not supported by jaxpeft's HF format; supported: "
-                          f"{', '.join(SUPPORTED_PEFT_TYPES)}")
-    known = {field.name for field in dataclasses.fields(LoraConfig)}
+    if not isinstance(hf_dict, dict):
+        raise ConfigError(f"an adapter config is a JSON object, got {type(hf_dict).__name__}")
+    cls = config_class(hf_dict.get("peft_type"))
+    known = {field.name for field in dataclasses.fields(cls)}
     options = {}
     for key, value in hf_dict.items():
         if key == "peft_type" or key in _IGNORED_HF_KEYS:
@@ -110,12 +149,14 @@ def config_from_hf_dict(hf_dict: dict[str, Any]) -> LoraConfig:
         if key in known:
             options[key] = value
         elif not any(value == off and type(value) is type(off) for off in _OFF_VALUES):
-            raise ConfigError(f"the adapter config sets {key}={value!r}, which jaxpeft does not support")
-    if options.get("init_lora_weights", True) not in _SUPPORTED_INIT:
+            raise ConfigError(f"the {cls.peft_type} adapter config sets {key}={value!r}, which jaxpeft does not "
+                              "support")
+    if "init_lora_weights" in options and options["init_lora_weights"] not in _SUPPORTED_INIT:
         options["init_lora_weights"] = True  # e.g. "pissa", "olora", "eva": only the initialisation differed
-    if options.get("target_modules") is not None and not isinstance(options["target_modules"], str):
-        options["target_modules"] = sorted(options["target_modules"])  # a set in torch PEFT: order means nothing
-    return LoraConfig(**options)
+    for key in _SET_OPTIONS:
+        if isinstance(options.get(key), list):
+            options[key] = sorted(options[key])  # a set in torch PEFT: order means nothing
+    return cls(**options)
 
 
 # ----- tensor layouts: jaxpeft leaf (one layer of a stack) <-> torch tensor -----
@@ -147,6 +188,10 @@ def _matrix_layout(jax_shape, rows: int, transpose: bool):
     return (n_rows, n_cols), lambda x: x.reshape(n_rows, n_cols), lambda t: t.reshape(jax_shape)
 
 
+def _reshape_layout(jax_shape: tuple[int, ...], hf_shape: tuple[int, ...]):
+    return tuple(hf_shape), lambda x: x.reshape(hf_shape), lambda t: t.reshape(jax_shape)
+
+
 def _lora_layout(kind: str, factor: str, jax_shape: tuple[int, ...], window_ndim: int = 0):
     """(torch shape, to_hf, from_hf) of one layer's ``lora_A`` or ``lora_B``."""
     if kind == "conv" and factor == "lora_A":  # (*window, in, r) -> [r, in, *window]
@@ -164,8 +209,7 @@ def _lora_layout(kind: str, factor: str, jax_shape: tuple[int, ...], window_ndim
 def _magnitude_layout(kind: str, jax_shape: tuple[int, ...], window_ndim: int):
     """(torch shape, to_hf, from_hf) of one layer's DoRA magnitude ``(*output axes)``."""
     if kind == "conv":  # (out,) -> [1, out, 1, ...]
-        hf_shape = (1,) + tuple(jax_shape) + (1,) * window_ndim
-        return hf_shape, lambda x: x.reshape(hf_shape), lambda t: t.reshape(jax_shape)
+        return _reshape_layout(jax_shape, (1,) + tuple(jax_shape) + (1,) * window_ndim)
     return _plain_layout(jax_shape, flat=True)
 
 
@@ -181,9 +225,44 @@ def _kernel_layout(kind: str, jax_shape: tuple[int, ...], n_in: int, conv1d: boo
 
 def _plain_layout(jax_shape: tuple[int, ...], flat: bool):
     if flat:  # a bias of DenseGeneral with several output axes is one vector in torch
-        size = math.prod(jax_shape)
-        return (size,), lambda x: x.reshape(size), lambda t: t.reshape(jax_shape)
+        return _reshape_layout(jax_shape, (math.prod(jax_shape),))
     return tuple(jax_shape), lambda x: x, lambda t: t
+
+
+# ----- which tensors a layer's adapter leaves become -----
+# Each returns {name suffix: (leaf key, layout)} for one layer, given the per-layer shapes {leaf key: shape}.
+
+def _lora_tensors(config: Any, layer: Layer, name: str, shapes: dict[Path, tuple[int, ...]]) -> dict:
+    del config, name
+    a_shape = shapes[("lora_A",)]
+    window_ndim = len(a_shape) - 2
+    embed = layer.kind == "embed"
+    tensors = {
+        "lora_embedding_A" if embed else "lora_A.weight": (("lora_A",), _lora_layout(layer.kind, "lora_A", a_shape)),
+        "lora_embedding_B" if embed else "lora_B.weight": (
+            ("lora_B",), _lora_layout(layer.kind, "lora_B", shapes[("lora_B",)], window_ndim)),
+    }
+    if (MAGNITUDE,) in shapes:
+        tensors[MAGNITUDE] = ((MAGNITUDE,), _magnitude_layout(layer.kind, shapes[(MAGNITUDE,)], window_ndim))
+    return tensors
+
+
+def _ia3_tensors(config: Any, layer: Layer, name: str, shapes: dict[Path, tuple[int, ...]]) -> dict:
+    shape = shapes[("ia3_l",)]
+    size = math.prod(shape)
+    if layer.kind == "conv":
+        hf_shape = (1, size) + (1,) * (len(shape) - 2)
+    else:
+        hf_shape = (1, size) if config.is_feedforward(name) else (size, 1)
+    return {"ia3_l": (("ia3_l",), _reshape_layout(shape, hf_shape))}
+
+
+_TORCH_LAYOUTS = {"LORA": _lora_tensors, "IA3": _ia3_tensors}
+
+
+def _own_tensors(shapes: dict[Path, tuple[int, ...]]) -> dict:
+    return {".".join(key): (key, _plain_layout(shape, flat=False)) for key, shape in shapes.items()
+            if key[0] not in CONSTANT_KEYS}
 
 
 # ----- which tensors an adapter has, under which names -----
@@ -194,9 +273,38 @@ def _conv1d_names(apply_fn: Callable) -> tuple[str, ...]:
     return _CONV1D_LAYERS.get(model_type, ())
 
 
+def _key_prefix(method: Method) -> str:
+    return PROMPT_KEY_PREFIX if hasattr(method, "call") else KEY_PREFIX
+
+
 def _stack_shape(virtual: dict[tuple[int, ...], str]) -> tuple[int, ...]:
     indices = list(virtual)
     return tuple(max(index[i] for index in indices) + 1 for i in range(len(indices[0]))) if indices else ()
+
+
+def _unboxed(leaf: Any) -> np.ndarray:
+    return np.asarray(jax.device_get(nn.meta.unbox(leaf)))
+
+
+def _adapter_leaves(flat: dict[Path, Any], adapter_name: str) -> dict[Path, dict[Path, Path]]:
+    """The named adapter's leaves by the module holding them, ``{module path: {(leaf key, *sub keys): leaf path}}``
+    (module path ``()`` for methods that keep their leaves at the top); modules_to_save copies are left out."""
+    groups: dict[Path, dict[Path, Path]] = {}
+    for path in flat:
+        for i, key in enumerate(path[:-1]):
+            if key in ADAPTER_KEYS:
+                if key != SAVED_MODULES_KEY and path[i + 1] == adapter_name:
+                    groups.setdefault(path[:i], {})[(key,) + path[i + 2:]] = path
+                break
+    return groups
+
+
+def _covered(flat: dict[Path, Any], leaves: dict[Path, Path], virtual: dict) -> dict:
+    """``{stack index: HF name}`` of the layers the adapter covers: where its ``(*stack,)`` constants are not 0."""
+    stack_ndim = len(next(iter(virtual)))
+    masks = [_unboxed(flat[path]) for key, path in leaves.items()
+             if key[0] in CONSTANT_KEYS and len(key) == 1 and np.ndim(nn.meta.unbox(flat[path])) == stack_ndim]
+    return {index: name for index, name in virtual.items() if all(mask[index] != 0 for mask in masks)}
 
 
 def _base_leaf_layout(trace: Trace, owner: Path, leaf_name: str, shape: tuple[int, ...], conv1d: tuple[str, ...]):
@@ -216,44 +324,46 @@ def _base_leaf_layout(trace: Trace, owner: Path, leaf_name: str, shape: tuple[in
     return None
 
 
-def _adapted_indices(flat: dict[Path, Any], path: Path, adapter_name: str, virtual: dict) -> dict:
-    """``{stack index: HF name}`` of the layers of ``path`` that the adapter covers (non-zero scaling)."""
-    scaling = np.asarray(nn.meta.unbox(flat[path + ("lora_scaling", adapter_name)]))
-    return {index: name for index, name in virtual.items() if scaling[index] != 0}
+def _join(module_name: str, suffix: str) -> str:
+    return f"{module_name}.{suffix}" if module_name else suffix
 
 
-def _slots(trace: Trace, flat: dict[Path, Any], adapter_name: str, conv1d: tuple[str, ...]):
-    """The adapter's tensors ``{name: slot}`` (all in the file) and the base ones the file may hold."""
+def _slots(config: PeftConfig, trace: Trace, flat: dict[Path, Any], adapter_name: str, conv1d: tuple[str, ...],
+           top_level: bool):
+    """The adapter's tensors ``{name: slot}`` (all in the file) and the base ones the file may hold.
+
+    ``top_level``: whether leaves kept at the top of ``params`` are written here (they are not when the method's
+    ``hf_tensors`` hook writes them).
+    """
     adapter_slots: dict[str, _Slot] = {}
     adapted: dict[Path, dict] = {}
-    for path, leaf in flat.items():
-        if path[-2:] != ("lora_A", adapter_name):
+    torch_layout = _TORCH_LAYOUTS.get(config.peft_type)
+    for module_path, leaves in _adapter_leaves(flat, adapter_name).items():
+        if not module_path and not top_level:
             continue
-        layer_path = path[:-2]
-        layer = trace.layers.get(layer_path)
-        if layer is None:
-            raise AdapterError(f"adapter {adapter_name!r} has leaves at {'.'.join(layer_path)}, a layer the sample "
+        virtual = trace.module_virtual_paths.get(module_path) if module_path else {(): ""}
+        layer = trace.layers.get(module_path)
+        if not virtual or (torch_layout is not None and layer is None):
+            raise AdapterError(f"adapter {adapter_name!r} has leaves at {'.'.join(module_path)}, a module the sample "
                                "call does not run; pass the model's apply function and inputs it adapts")
-        covered = _adapted_indices(flat, layer_path, adapter_name, layer.virtual_paths)
-        adapted[layer_path] = covered
-        stack_ndim = len(layer.stack_shape)
-        a_shape = tuple(np.shape(nn.meta.unbox(leaf)))[stack_ndim:]
-        b_shape = tuple(np.shape(nn.meta.unbox(flat[layer_path + ("lora_B", adapter_name)])))[stack_ndim:]
-        a_layout = _lora_layout(layer.kind, "lora_A", a_shape)
-        b_layout = _lora_layout(layer.kind, "lora_B", b_shape, window_ndim=len(a_shape) - 2)
-        suffix_a, suffix_b = (("lora_embedding_A", "lora_embedding_B") if layer.kind == "embed"
-                              else ("lora_A.weight", "lora_B.weight"))
-        magnitude_path = layer_path + (MAGNITUDE, adapter_name)
-        if magnitude_path in flat:
-            m_shape = tuple(np.shape(nn.meta.unbox(flat[magnitude_path])))[stack_ndim:]
-            m_layout = _magnitude_layout(layer.kind, m_shape, window_ndim=len(a_shape) - 2)
+        stack_ndim = len(next(iter(virtual)))
+        shapes = {key: tuple(np.shape(nn.meta.unbox(flat[path])))[stack_ndim:] for key, path in leaves.items()}
+        covered = _covered(flat, leaves, virtual)
+        if not covered:
+            continue
+        if torch_layout is None or not module_path:
+            tensors = _own_tensors(shapes)
+        else:
+            adapted[module_path] = covered
+            tensors = torch_layout(config, layer, next(iter(covered.values())), shapes)
+            unnamed = [key for key in shapes if key[0] not in CONSTANT_KEYS
+                       and key not in {leaf_key for leaf_key, _ in tensors.values()}]
+            if unnamed:
+                raise AdapterError(f"{config.peft_type} adapter {adapter_name!r} has a leaf {'.'.join(unnamed[0])} "
+                                   f"at {'.'.join(module_path)} that HF PEFT's format has no name for")
         for index, name in covered.items():
-            adapter_slots[f"{name}.{suffix_a}"] = _Slot(layer_path + ("lora_A", adapter_name), index, a_shape,
-                                                        *a_layout)
-            adapter_slots[f"{name}.{suffix_b}"] = _Slot(layer_path + ("lora_B", adapter_name), index, b_shape,
-                                                        *b_layout)
-            if magnitude_path in flat:
-                adapter_slots[f"{name}.{MAGNITUDE}"] = _Slot(magnitude_path, index, m_shape, *m_layout)
+            for suffix, (key, layout) in tensors.items():
+                adapter_slots[_join(name, suffix)] = _Slot(leaves[key], index, shapes[key], *layout)
 
     saved_modules: set[Path] = set()
     marker = (SAVED_MODULES_KEY, adapter_name)
@@ -295,25 +405,50 @@ def _add_base_slot(slots: dict[str, _Slot], trace: Trace, leaf_path: Path, modul
         slots[f"{base}.{torch_name}"] = _Slot(leaf_path, index, shape, *layout)
 
 
-def _bias_keys(config: LoraConfig, base_slots: dict[str, _Slot]) -> list[str]:
-    """The base tensors HF PEFT saves with the adapter: trained biases."""
-    if config.bias == "all":
+def _bias_keys(config: PeftConfig, base_slots: dict[str, _Slot]) -> list[str]:
+    """The base tensors HF PEFT saves with a LoRA adapter: trained biases."""
+    bias = getattr(config, "bias", "none")
+    if bias == "all":
         return [k for k in base_slots if k.endswith(".bias")]
-    if config.bias == "lora_only":
+    if bias == "lora_only":
         return [k for k in base_slots if k.endswith(".base_layer.bias")]
     return []
 
 
 # ----- save -----
 
-def _check_lora(config: Any) -> None:
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"the HF PEFT format is written for LoraConfig adapters, got {type(config).__name__}")
+def _check_adapter_present(variables: Any, flat: dict[Path, Any], config: PeftConfig, method: Method,
+                           adapter_name: str) -> None:
+    own_keys = set(method.leaf_keys) | set(getattr(method, "optional_leaf_keys", ()))
+    found = {key[0] for leaves in _adapter_leaves(flat, adapter_name).values() for key in leaves}
+    if not found & own_keys:
+        raise AdapterError(f"the variables hold no {config.peft_type} adapter {adapter_name!r} (adapters present: "
+                           f"{adapter_names(variables) or 'none'})")
 
 
-def save_adapter(folder: str | os.PathLike, variables: Any, config: LoraConfig, apply_fn: Callable, *sample_args,
+def _write_folder(folder: str, hf_dict: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    """Writes both files to a temporary folder next to ``folder`` and moves them in place."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", dir=parent)
+    try:
+        with open(os.path.join(staging, CONFIG_NAME), "w") as file:
+            json.dump(hf_dict, file, indent=2, sort_keys=True)
+            file.write("\n")
+        safetensors.numpy.save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
+        if not os.path.exists(folder):
+            os.rename(staging, folder)
+        else:
+            for name in (CONFIG_NAME, WEIGHTS_NAME):
+                os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_adapter(folder: str | os.PathLike, variables: Any, config: PeftConfig, apply_fn: Callable, *sample_args,
                  adapter_name: str = "default", **sample_kwargs) -> str:
-    """Writes the named adapter as a Hugging Face PEFT adapter folder that torch ``PeftModel.from_pretrained`` loads.
+    """Writes the named adapter as a Hugging Face PEFT adapter folder (that torch ``PeftModel.from_pretrained``
+    loads, for the methods torch PEFT has; see the module docstring for every method's tensors).
 
     ``apply_fn(variables, *sample_args, **sample_kwargs)`` is traced once (``jax.eval_shape``, nothing is
     computed) to name the adapted layers the Hugging Face way. The folder gets ``adapter_config.json`` and
@@ -335,41 +470,36 @@ def save_adapter(folder: str | os.PathLike, variables: Any, config: LoraConfig, 
         >>> from safetensors.numpy import load_file
         >>> {k: v.shape for k, v in sorted(load_file(os.path.join(folder, "adapter_model.safetensors")).items())}
         {'base_model.model.layers_0.lora_A.weight': (2, 4), 'base_model.model.layers_0.lora_B.weight': (8, 2)}
+        >>> bitfit = jaxpeft.BitFitConfig(target_modules=["layers_2"])
+        >>> variables = jaxpeft.init_adapters(jax.random.key(0), bitfit, model.apply, base, x, adapter_name="bias")
+        >>> folder = save_adapter(tempfile.mkdtemp(), variables, bitfit, model.apply, x, adapter_name="bias")
+        >>> {k: v.shape for k, v in load_file(os.path.join(folder, "adapter_model.safetensors")).items()}
+        {'base_model.model.layers_2.bitfit_bias': (2,)}
     """
-    _check_lora(config)
-    present = adapter_names(variables)
-    flat = flatten(variables.get("params", {}))
-    if adapter_name not in present or not any(p[-2:] == ("lora_A", adapter_name) for p in flat):
-        raise AdapterError(f"the variables hold no LoRA adapter {adapter_name!r} (adapters present: "
-                           f"{present or 'none'})")
-    trace = trace_layers(apply_fn, strip_adapters(variables), sample_args, sample_kwargs)
-    adapter_slots, base_slots = _slots(trace, flat, adapter_name, _conv1d_names(apply_fn))
-    slots = {**adapter_slots, **{k: base_slots[k] for k in _bias_keys(config, base_slots)}}
-    tensors = {}
-    for name, slot in slots.items():
-        value = np.asarray(jax.device_get(nn.meta.unbox(flat[slot.leaf_path])))[slot.index]
-        tensors[KEY_PREFIX + name] = np.ascontiguousarray(slot.to_hf(value))
     hf_dict = config_to_hf_dict(config)
     hf_dict["inference_mode"] = True  # as HF PEFT writes it
+    method = method_for(config)
+    flat = flatten(variables.get("params", {}))
+    _check_adapter_present(variables, flat, config, method, adapter_name)
+    hooked = hasattr(method, "hf_tensors")
+    trace = trace_layers(apply_fn, strip_adapters(variables), sample_args, sample_kwargs)
+    adapter_slots, base_slots = _slots(config, trace, flat, adapter_name, _conv1d_names(apply_fn),
+                                       top_level=not hooked)
+    slots = {**adapter_slots, **{k: base_slots[k] for k in _bias_keys(config, base_slots)}}
+    prefix = _key_prefix(method)
+    tensors = {}
+    for name, slot in slots.items():
+        tensors[prefix + name] = np.ascontiguousarray(slot.to_hf(_unboxed(flat[slot.leaf_path])[slot.index]))
+    if hooked:
+        for name, value in method.hf_tensors(config, variables, adapter_name).items():
+            if name.removeprefix(prefix) in {key.removeprefix(prefix) for key in tensors}:
+                raise AdapterError(f"{config.peft_type}'s hf_tensors names {name!r}, which the adapter already uses")
+            tensors[name] = np.ascontiguousarray(np.asarray(jax.device_get(value)))
 
     folder = os.fspath(folder)
     if adapter_name != "default":
         folder = os.path.join(folder, adapter_name)
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", dir=parent)
-    try:
-        with open(os.path.join(staging, CONFIG_NAME), "w") as file:
-            json.dump(hf_dict, file, indent=2, sort_keys=True)
-            file.write("\n")
-        safetensors.numpy.save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
-        if not os.path.exists(folder):
-            os.rename(staging, folder)
-        else:
-            for name in (CONFIG_NAME, WEIGHTS_NAME):
-                os.replace(os.path.join(staging, name), os.path.join(folder, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _write_folder(folder, hf_dict, tensors)
     return folder
 
 
@@ -390,7 +520,7 @@ def _adapter_files(folder: str, adapter_name: str) -> tuple[str, str]:
     raise FileNotFoundError(f"no {CONFIG_NAME} in {' or '.join(candidates)}: not an HF PEFT adapter folder")
 
 
-def _read_config(path: str) -> LoraConfig:
+def _read_config(path: str) -> PeftConfig:
     try:
         with open(path) as file:
             hf_dict = json.load(file)
@@ -404,21 +534,21 @@ def _read_config(path: str) -> LoraConfig:
         raise ConfigError(f"{path}: {error}") from error
 
 
-def _read_tensors(path: str) -> dict[str, np.ndarray]:
+def _read_tensors(path: str, prefix: str) -> dict[str, np.ndarray]:
     try:
         tensors = safetensors.numpy.load_file(path)
     except (safetensors.SafetensorError, OSError, ValueError) as error:
         raise AdapterError(f"{path}: not a readable safetensors file ({error})") from error
     by_name: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
-        name = key.removeprefix(KEY_PREFIX)
+        name = key.removeprefix(prefix)
         if name in by_name:
-            raise AdapterError(f"{path}: tensor {name!r} appears both with and without the {KEY_PREFIX!r} prefix")
+            raise AdapterError(f"{path}: tensor {name!r} appears both with and without the {prefix!r} prefix")
         by_name[name] = value
     return by_name
 
 
-def _present_saved_modules(config: LoraConfig, trace: Trace) -> list[str] | None:
+def _present_saved_modules(config: PeftConfig, trace: Trace) -> list[str] | None:
     """``modules_to_save`` restricted to the names this model has, without repeats (torch PEFT ignores the rest:
     a ``SEQ_CLS`` adapter lists both ``classifier`` and ``score``)."""
     if not config.modules_to_save:
@@ -435,17 +565,18 @@ def _listing(names, limit: int = 4) -> str:
 
 def load_adapter(folder: str | os.PathLike, apply_fn: Callable, variables: Any, *sample_args,
                  adapter_name: str = "default", adapter_dtype: Any = "float32",
-                 **sample_kwargs) -> tuple[Any, LoraConfig]:
-    """Reads a Hugging Face PEFT LoRA adapter folder into ``variables``: returns ``(new variables, config)``.
+                 **sample_kwargs) -> tuple[Any, PeftConfig]:
+    """Reads an adapter folder (written by HF PEFT or by ``save_adapter``) into ``variables``: returns
+    ``(new variables, config)``.
 
     The adapter is built with ``jaxpeft.init_adapters`` from the folder's config (so it targets the same layers)
     and filled from ``adapter_model.safetensors``; per-layer tensors go back into scanned stacks. Keys may have
-    the ``base_model.model.`` prefix or not. Base tensors that torch PEFT saves along (trained biases with
-    ``bias="all"``/``"lora_only"``, an adapted embedding's ``base_layer.weight``) replace the base weights in the
-    result, as in torch. ``modules_to_save`` keeps the names this model has (a ``SEQ_CLS`` adapter lists both
-    ``classifier`` and ``score``). ``variables`` is not changed. Anything that does not fit (files,
-    options, tensor names or shapes) is a one-line error and nothing is loaded. Run the result with
-    ``jaxpeft.rewrite(apply_fn, {adapter_name: config})``.
+    the ``base_model.model.`` prefix (``base_model.`` for prompt and prefix tuning) or not. Base tensors that torch
+    PEFT saves along (trained biases with ``bias="all"``/``"lora_only"``, an adapted embedding's
+    ``base_layer.weight``) replace the base weights in the result, as in torch. ``modules_to_save`` keeps the names
+    this model has (a ``SEQ_CLS`` adapter lists both ``classifier`` and ``score``). ``variables`` is not changed.
+    Anything that does not fit (files, ``peft_type``, options, tensor names or shapes) is a one-line error and
+    nothing is loaded. Run the result with ``jaxpeft.rewrite(apply_fn, {adapter_name: config})``.
 
     Example:
         >>> import tempfile, jax, jax.numpy as jnp, flax.linen as nn, jaxpeft
@@ -453,49 +584,66 @@ def load_adapter(folder: str | os.PathLike, apply_fn: Callable, variables: Any, 
         >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
         >>> x = jnp.ones((1, 4))
         >>> base = model.init(jax.random.key(1), x)
-        >>> config = jaxpeft.LoraConfig(r=2, target_modules=["layers_0"], init_lora_weights=False)
+        >>> config = jaxpeft.IA3Config(target_modules=["layers_0"], init_ia3_weights=False)
         >>> trained = jaxpeft.init_adapters(jax.random.key(0), config, model.apply, base, x)
         >>> folder = save_adapter(tempfile.mkdtemp(), trained, config, model.apply, x)
         >>> loaded, loaded_config = load_adapter(folder, model.apply, base, x)
+        >>> type(loaded_config).__name__
+        'IA3Config'
         >>> apply = jaxpeft.rewrite(model.apply, loaded_config)
         >>> bool(jnp.allclose(apply(loaded, x), jaxpeft.rewrite(model.apply, config)(trained, x)))
         True
     """
     config_path, weights_path = _adapter_files(os.fspath(folder), adapter_name)
     config = _read_config(config_path)
-    tensors = _read_tensors(weights_path)
+    method = method_for(config)
+    prefix = _key_prefix(method)
+    tensors = _read_tensors(weights_path, prefix)
     if adapter_name in adapter_names(variables):
         raise AdapterError(f"an adapter named {adapter_name!r} already exists; pass another adapter_name=")
     trace = trace_layers(apply_fn, strip_adapters(variables), sample_args, sample_kwargs)
-    config = dataclasses.replace(config, modules_to_save=_present_saved_modules(config, trace))
+    if "modules_to_save" in {field.name for field in dataclasses.fields(config)}:
+        config = dataclasses.replace(config, modules_to_save=_present_saved_modules(config, trace))
+    # Built in inference mode, which skips initialisations that need more than the model (prompt tuning's TEXT
+    # needs a tokenizer), as HF PEFT does when it loads: the file's tensors replace the initial values.
     try:
-        built = init_adapters(jax.random.key(0), config, apply_fn, variables, *sample_args,
-                              adapter_name=adapter_name, adapter_dtype=adapter_dtype, **sample_kwargs)
+        built = init_adapters(jax.random.key(0), dataclasses.replace(config, inference_mode=True), apply_fn,
+                              variables, *sample_args, adapter_name=adapter_name, adapter_dtype=adapter_dtype,
+                              **sample_kwargs)
     except AdapterError as error:
         raise AdapterError(f"the adapter in {os.fspath(folder)} does not fit this model: {error}") from error
     flat = flatten(built["params"])
-    adapter_slots, base_slots = _slots(trace, flat, adapter_name, _conv1d_names(apply_fn))
+    hooked = hasattr(method, "leaves_from_hf")
+    adapter_slots, base_slots = _slots(config, trace, flat, adapter_name, _conv1d_names(apply_fn),
+                                       top_level=not hooked)
+    hook_names = {}  # name in the file without prefix -> the hook's name, and the shape it expects
+    if hooked:
+        for name, value in method.hf_tensors(config, built, adapter_name).items():
+            hook_names[name.removeprefix(prefix)] = (name, tuple(np.shape(value)))
 
-    unexpected = set(tensors) - set(adapter_slots) - set(base_slots)
+    expected = set(adapter_slots) | set(hook_names)
+    unexpected = set(tensors) - expected - set(base_slots)
     if unexpected:
         raise AdapterError(f"{weights_path}: {len(unexpected)} tensor(s) match no adapted module of this model, e.g. "
                            f"{_listing(unexpected)}; the adapter was made for another base model (this one adapts "
-                           f"{_listing(adapter_slots, 2) or 'nothing'})")
-    missing = set(adapter_slots) - set(tensors)
+                           f"{_listing(expected, 2) or 'nothing'})")
+    missing = expected - set(tensors)
     if missing:
         raise AdapterError(f"{weights_path}: {len(missing)} tensor(s) of the adapter are missing, e.g. "
                            f"{_listing(missing)}")
-    slots = {name: adapter_slots.get(name) or base_slots[name] for name in tensors}
-    for name, slot in sorted(slots.items()):
+    slots = {name: adapter_slots.get(name) or base_slots[name] for name in tensors if name not in hook_names}
+    wanted = {**{name: slot.hf_shape for name, slot in slots.items()},
+              **{name: shape for name, (_, shape) in hook_names.items()}}
+    for name, shape in sorted(wanted.items()):
         got = tuple(tensors[name].shape)
-        if got != slot.hf_shape:
-            raise AdapterError(f"{weights_path}: tensor {name!r} has shape {got}, expected {slot.hf_shape} for this "
+        if got != shape:
+            raise AdapterError(f"{weights_path}: tensor {name!r} has shape {got}, expected {shape} for this "
                                "model; the adapter was made for another base model")
 
     filled: dict[Path, np.ndarray] = {}
     for name, slot in slots.items():
         if slot.leaf_path not in filled:
-            filled[slot.leaf_path] = np.array(jax.device_get(nn.meta.unbox(flat[slot.leaf_path])))
+            filled[slot.leaf_path] = np.array(_unboxed(flat[slot.leaf_path]))
         target = filled[slot.leaf_path]
         target[slot.index] = slot.from_hf(tensors[name]).astype(target.dtype)
     for path, value in filled.items():
@@ -504,4 +652,7 @@ def load_adapter(folder: str | os.PathLike, apply_fn: Callable, variables: Any, 
         flat[path] = leaf.replace_boxed(array) if isinstance(leaf, nn.meta.AxisMetadata) else array
     params = unflatten_like(flat, built["params"])
     new_variables = {**built, "params": params} if isinstance(built, dict) else built.copy({"params": params})
+    if hooked:
+        hook_tensors = {hook_name: tensors[name] for name, (hook_name, _) in hook_names.items()}
+        new_variables = method.leaves_from_hf(config, hook_tensors, new_variables, adapter_name)
     return new_variables, config

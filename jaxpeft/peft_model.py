@@ -25,12 +25,20 @@ def _sample_inputs(model) -> dict:
     return _init_inputs(model.module)
 
 
+HEAD_TASKS = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS"}
+
+
 def _with_task_defaults(config: PeftConfig, model) -> PeftConfig:
     """HF PEFT's defaults: the architecture's ``target_modules`` (LoRA, IA3) when the config names none, and, for
-    classification tasks, the classifier head (``classifier`` or ``score``) in ``modules_to_save``."""
+    classification tasks, the classifier head (``classifier`` or ``score``) in ``modules_to_save``. Without a
+    ``task_type`` the model's head gives it (a sequence classifier is ``SEQ_CLS``)."""
     from jaxpeft.methods import ia3, lora
 
     changes = {}
+    if config.task_type is None and model.head in HEAD_TASKS:
+        # HF PEFT cannot know the task without task_type and leaves a new classifier head frozen; the model knows.
+        changes["task_type"] = HEAD_TASKS[model.head]
+    task_type = changes.get("task_type", config.task_type)
     if isinstance(config, lora.LoraConfig) and config.target_modules is None:
         changes["target_modules"] = list(model.family.default_lora_targets)
     model_type = model.config.model_type
@@ -39,8 +47,9 @@ def _with_task_defaults(config: PeftConfig, model) -> PeftConfig:
         changes["target_modules"] = targets
         if config.feedforward_modules is None:
             changes["feedforward_modules"] = feedforward
-    if config.task_type in ("SEQ_CLS", "TOKEN_CLS") and hasattr(config, "modules_to_save"):
-        heads = [name for name in ("classifier", "score") if name in model.params["params"]]
+    if task_type in ("SEQ_CLS", "TOKEN_CLS") and hasattr(config, "modules_to_save"):
+        # Matched as plain name suffixes, as in HF PEFT: DistilBERT's pre_classifier is saved too.
+        heads = [name for name in ("classifier", "score") if any(m.endswith(name) for m in model.params["params"])]
         saved = list(config.modules_to_save or [])
         changes["modules_to_save"] = saved + [name for name in heads if name not in saved]
     return dataclasses.replace(config, **changes) if changes else config
@@ -79,6 +88,9 @@ class PeftModel:
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; choose another name or delete_adapter it")
         config = _with_task_defaults(config, self.base_model)
+        method = core.method_for(config)
+        if hasattr(method, "prepare"):  # e.g. prompt learning: num_layers, token_dim, ... from the model's config
+            config = method.prepare(config, self.base_model)
         self.params = core.init_adapters(jax.random.key(seed), config, self.base_model.apply_fn, self.params,
                                          adapter_name=adapter_name, **_sample_inputs(self.base_model))
         self.peft_config[adapter_name] = config
@@ -152,13 +164,65 @@ class PeftModel:
             self._runners[name] = runner
         return self._runners[name]
 
-    def __call__(self, *args, params: Any = None, **kwargs):
-        """Runs the model with the active adapter; arguments as for the base model."""
-        return self._runner()(*args, params=self.params if params is None else params, **kwargs)
+    def _mixed_runner(self, adapter_names: Any, batch_size: int):
+        """The runner for a batch with one adapter per example, and the ``AdapterMix`` to pass it."""
+        from jaxpeft.models.auto import PretrainedModel
 
-    def generate(self, *args, params: Any = None, **kwargs):
-        """Generates with the active adapter; arguments as for the base model's ``generate``."""
-        return self._runner().generate(*args, params=self.params if params is None else params, **kwargs)
+        names = list(adapter_names)
+        if len(names) != batch_size:
+            raise ValueError(f"adapter_names has {len(names)} names for a batch of {batch_size}; give one per example")
+        unknown = sorted({n for n in names if n != core.BASE and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"adapter_names mentions {unknown}, which are not adapters of this model; adapters: "
+                             f"{sorted(self.peft_config)} (or '{core.BASE}' for the base model)")
+        if "__mixed__" not in self._runners:
+            base = self.base_model
+            runner = PretrainedModel(base.module, self.params, base.config, base.family, base.head)
+            runner.apply_fn = core.rewrite(base.apply_fn, self.peft_config)
+            runner._accepted = runner._accepted | {"adapter_name"}
+            self._runners["__mixed__"] = runner
+        return self._runners["__mixed__"], core.AdapterMix.of(names)
+
+    def __call__(self, *args, params: Any = None, adapter_names: Any = None, **kwargs):
+        """Runs the model with the active adapter; arguments as for the base model.
+
+        ``adapter_names`` (one adapter name, or ``"__base__"``, per example) runs a mixed batch in one jitted call.
+        """
+        params = self.params if params is None else params
+        if adapter_names is None:
+            return self._runner()(*args, params=params, **kwargs)
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        runner, mix = self._mixed_runner(adapter_names, len(input_ids))
+        return runner(*args, params=params, adapter_name=mix, **kwargs)
+
+    def generate(self, *args, params: Any = None, adapter_names: Any = None, **kwargs):
+        """Generates with the active adapter; arguments as for the base model's ``generate``.
+
+        ``adapter_names`` (one per example, ``"__base__"`` for none) generates a mixed batch.
+        """
+        params = self.params if params is None else params
+        if adapter_names is None:
+            return self._runner().generate(*args, params=params, **kwargs)
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        runner, mix = self._mixed_runner(adapter_names, len(input_ids))
+        model_kwargs = {**(kwargs.pop("model_kwargs", None) or {}), "adapter_name": mix}
+        return runner.generate(*args, params=params, model_kwargs=model_kwargs, **kwargs)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True) -> None:
+        """Adds ``adapter_name``, a weighted combination of LoRA ``adapters`` (``"svd"``, ``"linear"`` or ``"cat"``,
+        as HF PEFT; see ``jaxpeft.weighted_adapter``). It is not made active: ``set_adapter`` does that."""
+        from jaxpeft import weighted_adapter
+
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; choose another name or delete_adapter it")
+        self.params, config = weighted_adapter.add_weighted_adapter(
+            self.params, self.peft_config, adapters, weights, adapter_name, self.base_model.apply_fn,
+            combination_type=combination_type, svd_rank=svd_rank, svd_clamp=svd_clamp,
+            svd_full_matrices=svd_full_matrices, **_sample_inputs(self.base_model))
+        self.peft_config[adapter_name] = config
+        self._runners.clear()
 
     # ----- files in the HF PEFT format -----
 
@@ -168,8 +232,7 @@ class PeftModel:
 
         for name in selected_adapters or list(self.peft_config):
             self._check_name(name)
-            target = folder if name == "default" else f"{folder}/{name}"
-            hf_format.save_adapter(target, self.params, self.peft_config[name], self.base_model.apply_fn,
+            hf_format.save_adapter(folder, self.params, self.peft_config[name], self.base_model.apply_fn,
                                    adapter_name=name, **_sample_inputs(self.base_model))
 
     def load_adapter(self, folder: str, adapter_name: str, is_trainable: bool = False) -> None:

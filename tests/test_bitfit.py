@@ -216,6 +216,6 @@ def test_bad_targets(targets, expected):
 def test_layer_without_bias_is_refused():
     model = nn.Dense(3, use_bias=False)
     x = jnp.ones((1, 2))
-    with pytest.raises(jaxpeft.AdapterError, match="matched no layer with a bias"):
+    with pytest.raises(jaxpeft.AdapterError, match="this model has no biases for BitFit to train"):
         jaxpeft.init_adapters(jax.random.key(0), jaxpeft.BitFitConfig(), model.apply,
                               model.init(jax.random.key(1), x), x)

@@ -5,7 +5,7 @@ into torch ``PeftModel.from_pretrained`` with exactly the keys torch PEFT expect
 torch -> jaxpeft: an adapter written by torch ``save_pretrained`` must give torch's logits after ``load_adapter``.
 """
 
-import doctest
+import dataclasses
 import json
 import os
 import warnings
@@ -20,7 +20,6 @@ import torch
 import transformers
 
 import jaxpeft
-import jaxpeft.hf_format
 from jaxpeft.config import ConfigError
 from jaxpeft.hf_format import config_from_hf_dict, config_to_hf_dict, load_adapter, save_adapter
 from jaxpeft.models import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -51,11 +50,6 @@ CASES = {
 IDS = np.array([[5, 6, 7, 8, 9, 10], [3, 4, 5, 6, 0, 0]])
 MASK = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
 SCANS = pytest.mark.parametrize("scan_layers", [False, True], ids=["unscanned", "scanned"])
-
-
-def test_docstring_examples():
-    result = doctest.testmod(jaxpeft.hf_format, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +252,9 @@ def test_config_dict_accepts_hf_bookkeeping_and_rejects_what_changes_numerics():
         config_from_hf_dict({**hf, "lora_bias": True})
     with pytest.raises(ConfigError, match="layer_replication"):
         config_from_hf_dict({**hf, "layer_replication": [[0, 2]]})
-    with pytest.raises(ConfigError, match="'IA3'.*supported: LORA"):
+    with pytest.raises(ConfigError, match="'ADALORA'.*supported: .*IA3, LORA"):
+        config_from_hf_dict({**hf, "peft_type": "ADALORA"})
+    with pytest.raises(ConfigError, match="IA3 adapter config sets r=2"):
         config_from_hf_dict({**hf, "peft_type": "IA3"})
 
 
@@ -301,8 +297,8 @@ def test_load_errors_name_the_problem(bert_adapter, base_folders, tmp_path):
         k: v for k, v in t.items() if "layer.1.attention.self.query.lora_B" not in k})
     with pytest.raises(jaxpeft.AdapterError, match=r"missing.*layer\.1\.attention\.self\.query\.lora_B"):
         load(dropped)
-    unknown = _copy_adapter(folder, tmp_path / "ia3", edit_config=lambda c: {**c, "peft_type": "IA3"})
-    with pytest.raises(ConfigError, match="adapter_config.json.*'IA3'.*LORA"):
+    unknown = _copy_adapter(folder, tmp_path / "vera", edit_config=lambda c: {**c, "peft_type": "VERA"})
+    with pytest.raises(ConfigError, match="adapter_config.json.*'VERA'.*supported: .*IA3, LORA"):
         load(unknown)
     dora = _copy_adapter(folder, tmp_path / "dora", edit_config=lambda c: {**c, "use_dora": True})
     with pytest.raises(jaxpeft.AdapterError, match=r"missing.*lora_magnitude_vector"):
@@ -325,9 +321,9 @@ def test_save_of_missing_adapter_writes_nothing(bert_adapter, tmp_path):
     model, _ = bert_adapter
     config = jaxpeft.LoraConfig(r=2, target_modules=["query"])
     variables = jaxpeft.init_adapters(jax.random.key(0), config, model.apply_fn, model.params, IDS, MASK)
-    with pytest.raises(jaxpeft.AdapterError, match="no LoRA adapter 'other'.*default"):
+    with pytest.raises(jaxpeft.AdapterError, match="no LORA adapter 'other'.*default"):
         save_adapter(tmp_path / "out", variables, config, model.apply_fn, IDS, MASK, adapter_name="other")
-    with pytest.raises(jaxpeft.AdapterError, match="no LoRA adapter 'default'.*none"):
+    with pytest.raises(jaxpeft.AdapterError, match="no LORA adapter 'default'.*none"):
         save_adapter(tmp_path / "out", model.params, config, model.apply_fn, IDS, MASK)
     assert os.listdir(tmp_path) == []
 
@@ -375,3 +371,176 @@ def test_conv_and_dense_general_layouts_match_torch_peft(tmp_path):
     assert written.keys() == original.keys()
     for key in original:
         np.testing.assert_array_equal(written[key], original[key], err_msg=key)
+
+
+def _randomised(variables, config, adapter_name="default", seed=0):
+    """The variables with the adapter's trainable leaves moved off their initial values."""
+    mask = flatten(jaxpeft.trainable_mask(variables, config, adapter_name)["params"])
+    rng = np.random.default_rng(seed)
+    flat = {path: leaf + rng.normal(0, 0.3, np.shape(leaf)).astype(np.float32) if mask[path] else leaf
+            for path, leaf in flatten(variables["params"]).items()}
+    return {**variables, "params": unflatten_like(flat, variables["params"])}
+
+
+def test_bitfit_folder_has_own_layout_and_loads_scanned_or_not(base_folders, tmp_path):
+    """BitFit has no HF format: jaxpeft's own tensors per layer, only the layers the adapter covers."""
+    scanned = AutoModelForSequenceClassification.from_pretrained(base_folders["bert"], scan_layers=True)
+    unscanned = AutoModelForSequenceClassification.from_pretrained(base_folders["bert"])
+    config = jaxpeft.BitFitConfig(target_modules=r".*layer\.1\..*", modules_to_save=["classifier"])
+    variables = jaxpeft.init_adapters(jax.random.key(0), config, scanned.apply_fn, scanned.params, IDS, MASK)
+    variables = _randomised(variables, config)
+    folder = save_adapter(tmp_path / "bitfit", variables, config, scanned.apply_fn, IDS, MASK)
+
+    with open(os.path.join(folder, "adapter_config.json")) as file:
+        assert json.load(file)["peft_type"] == "BITFIT"
+    tensors = _file_tensors(folder)
+    layer = "base_model.model.bert.encoder.layer.1."
+    modules = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+               "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm"]
+    assert set(tensors) == ({f"{layer}{m}.bitfit_bias" for m in modules}
+                            | {"base_model.model.classifier.weight", "base_model.model.classifier.bias"})
+    query = variables["params"]["bert"]["encoder"]["layer"]["attention"]["self"]["query"]["bitfit_bias"]["default"]
+    np.testing.assert_array_equal(tensors[f"{layer}attention.self.query.bitfit_bias"], np.asarray(query)[1])
+    classifier = variables["params"]["classifier"][SAVED_MODULES_KEY]["default"]["kernel"]
+    np.testing.assert_array_equal(tensors["base_model.model.classifier.weight"], np.asarray(classifier).T)
+
+    expected = _jax_logits(scanned, variables, config)
+    _assert_adapter_matters("seq_cls", expected, np.asarray(scanned(IDS, MASK).logits))
+    loaded, loaded_config = load_adapter(folder, unscanned.apply_fn, unscanned.params, IDS, MASK)
+    assert isinstance(loaded_config, jaxpeft.BitFitConfig) and loaded_config.modules_to_save == ["classifier"]
+    _compare("seq_cls", _jax_logits(unscanned, loaded, loaded_config), expected)
+
+    again_folder = save_adapter(tmp_path / "again", loaded, loaded_config, unscanned.apply_fn, IDS, MASK)
+    again = _file_tensors(again_folder)
+    assert again.keys() == tensors.keys()
+    for key in tensors:
+        np.testing.assert_array_equal(again[key], tensors[key], err_msg=key)
+    reloaded, _ = load_adapter(again_folder, scanned.apply_fn, scanned.params, IDS, MASK)
+    original, back = flatten(variables["params"]), flatten(reloaded["params"])
+    assert original.keys() == back.keys()
+    for path in original:
+        if "bitfit_bias" in path:  # layer 1 travels; the layers of the stack BitFit leaves alone keep zero deltas
+            np.testing.assert_array_equal(np.asarray(back[path])[1], np.asarray(original[path])[1])
+            assert not np.asarray(back[path])[[0, 2]].any() and np.asarray(original[path])[[0, 2]].any()
+        else:
+            np.testing.assert_array_equal(np.asarray(back[path]), np.asarray(original[path]), err_msg=str(path))
+
+
+def test_own_layout_errors_name_the_tensor_and_the_model(base_folders, tmp_path):
+    model = AutoModelForSequenceClassification.from_pretrained(base_folders["bert"])
+    config = jaxpeft.BitFitConfig(target_modules=["query"])
+    variables = jaxpeft.init_adapters(jax.random.key(0), config, model.apply_fn, model.params, IDS, MASK)
+    folder = save_adapter(tmp_path / "bitfit", variables, config, model.apply_fn, IDS, MASK)
+
+    wider = AutoModelForSequenceClassification.from_config(transformers.BertConfig(
+        hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, vocab_size=99, num_labels=3))
+    with pytest.raises(jaxpeft.AdapterError, match=r"tensor 'bert\.encoder\.layer\.0\.attention\.self\.query\."
+                                                   r"bitfit_bias' has shape \(32,\), expected \(48,\)"):
+        load_adapter(folder, wider.apply_fn, wider.params, IDS, MASK)
+    llama = AutoModelForCausalLM.from_pretrained(base_folders["llama"])
+    with pytest.raises(jaxpeft.AdapterError, match="does not fit this model.*'query'"):
+        load_adapter(folder, llama.apply_fn, llama.params, IDS, MASK)
+    renamed = _copy_adapter(folder, tmp_path / "renamed", edit_tensors=lambda t: {
+        k.replace("query", "key"): v for k, v in t.items()})
+    with pytest.raises(jaxpeft.AdapterError, match=r"match no adapted module.*self\.key\.bitfit_bias"):
+        load_adapter(renamed, model.apply_fn, model.params, IDS, MASK)
+    with pytest.raises(jaxpeft.AdapterError, match="no LORA adapter 'default'.*default"):
+        save_adapter(tmp_path / "lora", variables, jaxpeft.LoraConfig(target_modules=["query"]), model.apply_fn,
+                     IDS, MASK)
+    assert not os.path.exists(tmp_path / "lora")
+
+    bad_json = _copy_adapter(folder, tmp_path / "bad_json")
+    with open(os.path.join(bad_json, "adapter_config.json"), "w") as file:
+        file.write('{"peft_type": "BITFIT", ')
+    with pytest.raises(jaxpeft.AdapterError, match=r"bad_json.adapter_config\.json: cannot read the adapter config"):
+        load_adapter(bad_json, model.apply_fn, model.params, IDS, MASK)
+    no_weights = _copy_adapter(folder, tmp_path / "no_weights")
+    os.remove(os.path.join(no_weights, "adapter_model.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"no_weights.adapter_model\.safetensors does not exist"):
+        load_adapter(no_weights, model.apply_fn, model.params, IDS, MASK)
+
+
+def test_failed_save_leaves_the_folder_as_it_was(base_folders, tmp_path, monkeypatch):
+    model = AutoModelForSequenceClassification.from_pretrained(base_folders["bert"])
+    config = jaxpeft.IA3Config(target_modules=["query"])
+    variables = jaxpeft.init_adapters(jax.random.key(0), config, model.apply_fn, model.params, IDS, MASK)
+    folder = save_adapter(tmp_path / "ia3", variables, config, model.apply_fn, IDS, MASK)
+    before = {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
+
+    def failing_save_file(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", failing_save_file)
+    changed = _randomised(variables, config)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(folder, changed, jaxpeft.IA3Config(target_modules=["query"], modules_to_save=["pooler"]),
+                     model.apply_fn, IDS, MASK)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(tmp_path / "new", changed, config, model.apply_fn, IDS, MASK)
+    assert sorted(os.listdir(tmp_path)) == ["ia3"]
+    assert {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)} == before
+
+
+def test_bottleneck_folder_has_own_layout_and_loads_scanned_or_not(base_folders, tmp_path):
+    """Bottleneck adapters have no HF format: jaxpeft's own leaves per layer, written by the same generic code."""
+    from jaxpeft.methods.bottleneck import AdapterConfig
+
+    scanned = AutoModelForCausalLM.from_pretrained(base_folders["gpt2"], scan_layers=True)
+    unscanned = AutoModelForCausalLM.from_pretrained(base_folders["gpt2"])
+    config = AdapterConfig(preset="houlsby", reduction_factor=4, init_weights=False, layers_to_transform=[1, 2])
+    variables = jaxpeft.init_adapters(jax.random.key(0), config, scanned.apply_fn, scanned.params, IDS, MASK)
+    folder = save_adapter(tmp_path / "bottleneck", variables, config, scanned.apply_fn, IDS, MASK)
+
+    with open(os.path.join(folder, "adapter_config.json")) as file:
+        assert json.load(file)["peft_type"] == "BOTTLENECK"
+    tensors = _file_tensors(folder)
+    shapes = {"adapter_down_kernel": (32, 8), "adapter_down_bias": (8,), "adapter_up_kernel": (8, 32),
+              "adapter_up_bias": (32,)}
+    assert {key: value.shape for key, value in tensors.items()} == {
+        f"base_model.model.transformer.h.{layer}.{module}.{leaf}": shape
+        for layer in (1, 2) for module in ("attn.c_proj", "mlp.c_proj") for leaf, shape in shapes.items()}
+    up = variables["params"]["transformer"]["h"]["mlp"]["c_proj"]["adapter_up_kernel"]["default"]
+    np.testing.assert_array_equal(tensors["base_model.model.transformer.h.2.mlp.c_proj.adapter_up_kernel"],
+                                  np.asarray(up)[2])
+
+    expected = _jax_logits(scanned, variables, config)
+    _assert_adapter_matters("causal_lm", expected, np.asarray(scanned(IDS, MASK).logits))
+    loaded, loaded_config = load_adapter(folder, unscanned.apply_fn, unscanned.params, IDS, MASK)
+    assert loaded_config == dataclasses.replace(config, inference_mode=True)
+    _compare("causal_lm", _jax_logits(unscanned, loaded, loaded_config), expected)
+    again = _file_tensors(save_adapter(tmp_path / "again", loaded, loaded_config, unscanned.apply_fn, IDS, MASK))
+    assert again.keys() == tensors.keys()
+    for key in tensors:
+        np.testing.assert_array_equal(again[key], tensors[key], err_msg=key)
+
+
+def test_prompt_tuning_folder_is_checked_and_loads_without_a_tokenizer(base_folders, tmp_path):
+    """Call-level methods write their tensors through their hooks; the file is checked before the hook runs."""
+    from jaxpeft.methods.prompt_tuning import PromptTuningConfig
+
+    model = AutoModelForSequenceClassification.from_pretrained(base_folders["bert"])
+    config = PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS", modules_to_save=["classifier"])
+    variables = jaxpeft.init_adapters(jax.random.key(0), config, model.apply_fn, model.params, IDS, MASK)
+    folder = save_adapter(tmp_path / "prompt", variables, config, model.apply_fn, IDS, MASK)
+    tensors = _file_tensors(folder)
+    assert {key: value.shape for key, value in tensors.items()} == {
+        "prompt_embeddings": (3, 32), "base_model.classifier.weight": (3, 32), "base_model.classifier.bias": (3,)}
+
+    # TEXT would need a tokenizer to initialise the prompt; loading takes the file's values instead.
+    text = _copy_adapter(folder, tmp_path / "text", edit_config=lambda c: {
+        **c, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "hello", "tokenizer_name_or_path": "no/such"})
+    loaded, loaded_config = load_adapter(text, model.apply_fn, model.params, IDS, MASK)
+    assert loaded_config.prompt_tuning_init == "TEXT"
+    np.testing.assert_array_equal(np.asarray(loaded["params"]["prompt_embeddings"]["default"]),
+                                  tensors["prompt_embeddings"])
+    _compare("seq_cls", _jax_logits(model, loaded, loaded_config), _jax_logits(model, variables, config))
+
+    longer = _copy_adapter(folder, tmp_path / "longer", edit_tensors=lambda t: {
+        **t, "prompt_embeddings": np.zeros((4, 32), np.float32)})
+    with pytest.raises(jaxpeft.AdapterError, match=r"tensor 'prompt_embeddings' has shape \(4, 32\), expected "
+                                                   r"\(3, 32\)"):
+        load_adapter(longer, model.apply_fn, model.params, IDS, MASK)
+    dropped = _copy_adapter(folder, tmp_path / "dropped", edit_tensors=lambda t: {
+        k: v for k, v in t.items() if k != "prompt_embeddings"})
+    with pytest.raises(jaxpeft.AdapterError, match="1 tensor.* missing, e.g. prompt_embeddings"):
+        load_adapter(dropped, model.apply_fn, model.params, IDS, MASK)

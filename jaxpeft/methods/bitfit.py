@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxpeft import _targets
 from jaxpeft._tracing import Layer, Trace, layer_kind
-from jaxpeft.config import PeftConfig, check, strict_options
+from jaxpeft.config import PeftConfig, check, register_config, strict_options
 from jaxpeft.core import AdapterError, register_method
 from jaxpeft.tree import register_adapter_keys
 
@@ -37,6 +37,7 @@ LAYER_KINDS = ("dense", "dense_general", "conv", "einsum")
 NORM_TYPES = ("LayerNorm",)
 
 
+@register_config
 @strict_options
 @dataclasses.dataclass
 class BitFitConfig(PeftConfig):
@@ -138,6 +139,10 @@ def create(key: jax.Array, config: BitFitConfig, trace: Trace, dtype: Any) -> di
     unmatched = []
     if isinstance(config.target_modules, list):
         unmatched = [t for t in config.target_modules if not any(_targets.matches(n, [t]) for n in selected)]
+    if not leaves and config.target_modules is None:
+        raise AdapterError("this model has no biases for BitFit to train (it trains those of Dense, DenseGeneral, "
+                           "Conv, Einsum and LayerNorm layers; Llama-family models have none): use another method, "
+                           "e.g. LoRA or IA3")
     if unmatched or not leaves:
         found = ", ".join(passed_over[:3])
         raise AdapterError(f"target_modules {unmatched or config.target_modules!r} matched no layer with a bias "

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft._tracing import Layer, Trace, layer_kind
-from jaxpeft.config import PeftConfig, check, strict_options
+from jaxpeft.config import PeftConfig, check, register_config, strict_options
 from jaxpeft.core import AdapterError, register_method, resolve_layers
 from jaxpeft.tree import register_adapter_keys
 
@@ -46,6 +46,7 @@ DEFAULT_TARGETS = {
 }
 
 
+@register_config
 @strict_options
 @dataclasses.dataclass
 class IA3Config(PeftConfig):

@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxpeft import _targets
 from jaxpeft._tracing import Layer, Trace, layer_kind
-from jaxpeft.config import PeftConfig, check, strict_options
+from jaxpeft.config import PeftConfig, check, register_config, strict_options
 from jaxpeft.core import AdapterError, register_method, resolve_layers
 from jaxpeft.tree import register_adapter_keys
 
@@ -48,6 +48,7 @@ MAGNITUDE = "lora_magnitude_vector"
 _RANK = "\u03c1"  # the rank axis in einsum specs: a letter no layer spec uses
 
 
+@register_config
 @strict_options
 @dataclasses.dataclass
 class LoraConfig(PeftConfig):
@@ -337,6 +338,7 @@ def _up(kind: str, module: nn.Module, hidden: jax.Array, b: jax.Array) -> jax.Ar
 def interceptor(config: LoraConfig, adapter_name: str, dropout: bool):
     """Adds the named adapter's update to each adapted layer's output."""
     busy = []
+    dropout = dropout and config.lora_dropout > 0
 
     def adapt(next_fun, args, kwargs, context):
         module = context.module

@@ -79,6 +79,13 @@ def _layer_norm(config, name: str, dtype, param_dtype) -> nn.LayerNorm:
     )
 
 
+def _token_ids(input_ids, inputs_embeds):
+    """``input_ids``, or zeros of the ``(batch, seq)`` shape that ``inputs_embeds`` stands for (used for shapes)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    return input_ids if inputs_embeds is None else jnp.zeros(inputs_embeds.shape[:2], jnp.int32)
+
+
 def _module_kind(name: str) -> str:
     if name in ("wte", "wpe"):
         return "embed"
@@ -179,7 +186,9 @@ class GPT2Model(nn.Module):
     """The GPT-2 transformer (``GPT2Model``); returns ``ModelOutput(last_hidden_state=..., cache=...)``.
 
     ``prefix_key_values`` is ``(keys, values)``, each ``(n_layer, batch, num_virtual_tokens, n_head, head_dim)``:
-    per-layer key/values attended before the sequence (prefix tuning).
+    per-layer key/values attended before the sequence (prefix tuning). ``inputs_embeds`` ``(batch, seq, n_embd)``
+    replaces ``input_ids``: it stands for the token embeddings only (position embeddings are still added), as in
+    transformers; ``embed_input_ids`` gives the embeddings it replaces.
     """
 
     config: Any
@@ -226,31 +235,38 @@ class GPT2Model(nn.Module):
         """Logits from the tied input embedding."""
         return self.wte.attend(hidden)
 
+    def embed_input_ids(self, input_ids):
+        """The token embeddings of ``input_ids`` (what ``inputs_embeds`` replaces), e.g. for prompt tuning."""
+        return self.wte(input_ids)
+
     def __call__(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         position_ids=None,
         cache: attention.KVCache | None = None,
         prefix_key_values=None,
         deterministic: bool = True,
+        inputs_embeds=None,
     ) -> ModelOutput:
         config = self.config
-        batch_size = input_ids.shape[0]
+        token_ids = _token_ids(input_ids, inputs_embeds)
+        batch_size = token_ids.shape[0]
         num_prefix = attention.check_prefix_key_values(
             prefix_key_values, config.n_layer, batch_size, config.n_head, config.n_embd // config.n_head
         )
         mask, position_ids, cache_index = attention.prepare_decoder_inputs(
-            input_ids, attention_mask, position_ids, cache, num_prefix_tokens=num_prefix
+            token_ids, attention_mask, position_ids, cache, num_prefix_tokens=num_prefix
         )
-        hidden = self.wte(input_ids) + self.wpe(position_ids)
+        token_embeds = self.wte(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        hidden = token_embeds + self.wpe(position_ids)
         hidden = self.drop(hidden, deterministic=deterministic)
         layers_cache = None if cache is None else cache.layers
         hidden, layers_cache = self.h(hidden, mask, None, cache_index, deterministic, layers_cache, prefix_key_values)
         hidden = self.ln_f(hidden)
         new_cache = None
         if cache is not None:
-            new_cache = attention.KVCache(layers=layers_cache, index=cache.index + input_ids.shape[1])
+            new_cache = attention.KVCache(layers=layers_cache, index=cache.index + token_ids.shape[1])
         return ModelOutput(last_hidden_state=hidden, cache=new_cache)
 
 
@@ -281,17 +297,31 @@ class GPT2LMHeadModel(nn.Module):
     def cache_spec(self) -> attention.CacheSpec:
         return cache_spec(self.config, self.scan_layers, self.dtype)
 
+    def embed_input_ids(self, input_ids):
+        """The token embeddings of ``input_ids`` (what ``inputs_embeds`` replaces)."""
+        return self.transformer.embed_input_ids(input_ids)
+
     def __call__(
-        self, input_ids, attention_mask=None, position_ids=None, cache=None, prefix_key_values=None, deterministic=True
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        prefix_key_values=None,
+        deterministic=True,
+        inputs_embeds=None,
     ) -> ModelOutput:
-        out = self.transformer(input_ids, attention_mask, position_ids, cache, prefix_key_values, deterministic)
+        out = self.transformer(
+            input_ids, attention_mask, position_ids, cache, prefix_key_values, deterministic, inputs_embeds
+        )
         hidden = out.last_hidden_state
         logits = self.transformer.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
         return ModelOutput(logits=logits, last_hidden_state=hidden, cache=out.cache)
 
 
 class GPT2ForSequenceClassification(nn.Module):
-    """GPT-2 with a ``score`` layer on the last non-pad token (``config.pad_token_id``)."""
+    """GPT-2 with a ``score`` layer on the last non-pad token (``config.pad_token_id``); with ``inputs_embeds``
+    the last token, as transformers."""
 
     config: Any
     dtype: Any = jnp.float32
@@ -299,19 +329,33 @@ class GPT2ForSequenceClassification(nn.Module):
     scan_layers: bool = False
     remat_policy: str | None = None
 
-    @nn.compact
-    def __call__(
-        self, input_ids, attention_mask=None, position_ids=None, prefix_key_values=None, deterministic=True
-    ) -> ModelOutput:
-        transformer = GPT2Model(
+    def setup(self):
+        self.transformer = GPT2Model(
             self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy, name="transformer"
         )
-        hidden = transformer(input_ids, attention_mask, position_ids, None, prefix_key_values, deterministic)
-        pooled = attention.pool_last_non_pad(hidden.last_hidden_state, input_ids, self.config.pad_token_id)
-        score = _dense(
+        self.score = _dense(
             self.config, self.config.num_labels, ("embed", None), "score", self.dtype, self.param_dtype, use_bias=False
         )
-        return ModelOutput(logits=score(pooled), last_hidden_state=hidden.last_hidden_state)
+
+    def embed_input_ids(self, input_ids):
+        """The token embeddings of ``input_ids`` (what ``inputs_embeds`` replaces)."""
+        return self.transformer.embed_input_ids(input_ids)
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        prefix_key_values=None,
+        deterministic=True,
+        inputs_embeds=None,
+    ) -> ModelOutput:
+        hidden = self.transformer(
+            input_ids, attention_mask, position_ids, None, prefix_key_values, deterministic, inputs_embeds
+        )
+        pad_token_id = None if input_ids is None else self.config.pad_token_id
+        pooled = attention.pool_last_non_pad(hidden.last_hidden_state, input_ids, pad_token_id)
+        return ModelOutput(logits=self.score(pooled), last_hidden_state=hidden.last_hidden_state)
 
 
 FAMILY = ModelFamily(

@@ -142,6 +142,13 @@ def _dense(config, features: int, axes: tuple, name: str, dtype, param_dtype, us
     )
 
 
+def _token_ids(input_ids, inputs_embeds):
+    """``input_ids``, or zeros of the ``(batch, seq)`` shape that ``inputs_embeds`` stands for (used for shapes)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    return input_ids if inputs_embeds is None else jnp.zeros(inputs_embeds.shape[:2], jnp.int32)
+
+
 def _module_kind(name: str) -> str:
     if name == "embed_tokens":
         return "embed"
@@ -274,7 +281,8 @@ class LlamaModel(nn.Module):
     """The decoder stack (``LlamaModel``); returns ``ModelOutput(last_hidden_state=..., cache=...)``.
 
     ``prefix_key_values`` is ``(keys, values)``, each ``(num_layers, batch, num_virtual_tokens, kv_heads,
-    head_dim)``: per-layer key/values attended before the sequence, not rotated (prefix tuning).
+    head_dim)``: per-layer key/values attended before the sequence, not rotated (prefix tuning). ``inputs_embeds``
+    ``(batch, seq, hidden_size)`` replaces ``input_ids``; ``embed_input_ids`` gives the embeddings it replaces.
     """
 
     config: Any
@@ -312,28 +320,34 @@ class LlamaModel(nn.Module):
         """Logits from the tied input embedding."""
         return self.embed_tokens.attend(hidden)
 
+    def embed_input_ids(self, input_ids):
+        """The token embeddings of ``input_ids`` (what ``inputs_embeds`` replaces), e.g. for prompt tuning."""
+        return self.embed_tokens(input_ids)
+
     def __call__(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         position_ids=None,
         cache: attention.KVCache | None = None,
         prefix_key_values=None,
         deterministic: bool = True,
+        inputs_embeds=None,
     ) -> ModelOutput:
         config = self.config
+        token_ids = _token_ids(input_ids, inputs_embeds)
         num_prefix = attention.check_prefix_key_values(
-            prefix_key_values, config.num_hidden_layers, input_ids.shape[0], kv_heads_of(config), head_dim_of(config)
+            prefix_key_values, config.num_hidden_layers, token_ids.shape[0], kv_heads_of(config), head_dim_of(config)
         )
         mask, position_ids, cache_index = attention.prepare_decoder_inputs(
-            input_ids,
+            token_ids,
             attention_mask,
             position_ids,
             cache,
             num_prefix_tokens=num_prefix,
             sliding_window=sliding_window_of(config),
         )
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         rope = rope_cos_sin(rope_inverse_frequencies(config), position_ids, self.dtype)
         layers_cache = None if cache is None else cache.layers
         hidden, layers_cache = self.layers(
@@ -342,7 +356,7 @@ class LlamaModel(nn.Module):
         hidden = self.norm(hidden)
         new_cache = None
         if cache is not None:
-            new_cache = attention.KVCache(layers=layers_cache, index=cache.index + input_ids.shape[1])
+            new_cache = attention.KVCache(layers=layers_cache, index=cache.index + token_ids.shape[1])
         return ModelOutput(last_hidden_state=hidden, cache=new_cache)
 
 
@@ -373,17 +387,31 @@ class LlamaForCausalLM(nn.Module):
     def cache_spec(self) -> attention.CacheSpec:
         return cache_spec(self.config, self.scan_layers, self.dtype)
 
+    def embed_input_ids(self, input_ids):
+        """The token embeddings of ``input_ids`` (what ``inputs_embeds`` replaces)."""
+        return self.model.embed_input_ids(input_ids)
+
     def __call__(
-        self, input_ids, attention_mask=None, position_ids=None, cache=None, prefix_key_values=None, deterministic=True
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        prefix_key_values=None,
+        deterministic=True,
+        inputs_embeds=None,
     ) -> ModelOutput:
-        out = self.model(input_ids, attention_mask, position_ids, cache, prefix_key_values, deterministic)
+        out = self.model(
+            input_ids, attention_mask, position_ids, cache, prefix_key_values, deterministic, inputs_embeds
+        )
         hidden = out.last_hidden_state
         logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
         return ModelOutput(logits=logits, last_hidden_state=hidden, cache=out.cache)
 
 
 class LlamaForSequenceClassification(nn.Module):
-    """The decoder with a ``score`` layer on the last non-pad token (``config.pad_token_id``)."""
+    """The decoder with a ``score`` layer on the last non-pad token (``config.pad_token_id``); with
+    ``inputs_embeds`` the last token, as transformers."""
 
     config: Any
     dtype: Any = jnp.float32
@@ -391,17 +419,33 @@ class LlamaForSequenceClassification(nn.Module):
     scan_layers: bool = False
     remat_policy: str | None = None
 
-    @nn.compact
-    def __call__(
-        self, input_ids, attention_mask=None, position_ids=None, prefix_key_values=None, deterministic=True
-    ) -> ModelOutput:
-        model = LlamaModel(self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy, name="model")
-        hidden = model(input_ids, attention_mask, position_ids, None, prefix_key_values, deterministic)
-        pooled = attention.pool_last_non_pad(hidden.last_hidden_state, input_ids, self.config.pad_token_id)
-        score = _dense(
+    def setup(self):
+        self.model = LlamaModel(
+            self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy, name="model"
+        )
+        self.score = _dense(
             self.config, self.config.num_labels, ("embed", None), "score", self.dtype, self.param_dtype, use_bias=False
         )
-        return ModelOutput(logits=score(pooled), last_hidden_state=hidden.last_hidden_state)
+
+    def embed_input_ids(self, input_ids):
+        """The token embeddings of ``input_ids`` (what ``inputs_embeds`` replaces)."""
+        return self.model.embed_input_ids(input_ids)
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        prefix_key_values=None,
+        deterministic=True,
+        inputs_embeds=None,
+    ) -> ModelOutput:
+        hidden = self.model(
+            input_ids, attention_mask, position_ids, None, prefix_key_values, deterministic, inputs_embeds
+        )
+        pad_token_id = None if input_ids is None else self.config.pad_token_id
+        pooled = attention.pool_last_non_pad(hidden.last_hidden_state, input_ids, pad_token_id)
+        return ModelOutput(logits=self.score(pooled), last_hidden_state=hidden.last_hidden_state)
 
 
 FAMILY = ModelFamily(
