@@ -9,7 +9,8 @@ import pytest
 
 MODULES = ["jaxpeft.core", "jaxpeft.tree", "jaxpeft.methods.lora", "jaxpeft.peft_model",
            "jaxpeft.methods.prefix_tuning", "jaxpeft.methods.prompt_tuning",
-           "jaxpeft.methods.bottleneck", "jaxpeft.hf_format", "jaxpeft.config"]
+           "jaxpeft.methods.bottleneck", "jaxpeft.hf_format", "jaxpeft.config", "jaxpeft.data",
+           "jaxpeft.training"]
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 

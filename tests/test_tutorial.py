@@ -170,11 +170,15 @@ def test_a_training_step_changes_only_trainable_parameters(tutorial, name):
         logits = logits[:, -ids.shape[1]:-1]
         return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
+    @jax.jit
+    def step(params, state):
+        updates, state = optimizer.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
     params = model.params
     state = optimizer.init(params)
     for _ in range(2):
-        updates, state = optimizer.update(jax.grad(loss)(params), state, params)
-        params = optax.apply_updates(params, updates)
+        params, state = step(params, state)
     changed = jaxpeft.tree.flatten(jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), model.params, params))
     trainable = jaxpeft.tree.flatten(mask_tree)
     assert any(changed[path] for path in trainable if trainable[path])

@@ -1,0 +1,766 @@
+"""Datasets, tokenization, collators and deterministic batch order for training.
+
+Everything here returns plain Python or numpy values, so a collated batch goes straight into a jitted step:
+
+- ``load_dataset_file`` / ``as_examples``: a ``.jsonl``/``.json``/``.csv``/``.tsv`` file, a list of dicts, a
+  ``datasets.Dataset`` or any map-style object with ``__len__`` and ``__getitem__`` returning dicts.
+- ``tokenize``: text (and text pairs, pre-split words for token classification, prompt/response pairs for
+  instruction tuning) to ``input_ids`` and ``labels`` with a transformers tokenizer.
+- Collators (``list[dict] -> dict[str, np.ndarray]``) that pad to a few bucketed lengths (``bucket_length``) so
+  a run compiles a handful of shapes, not one per batch.
+- ``batch_iterator`` / ``length_grouped_batch_iterator``: which examples make up step ``k`` of an epoch is a pure
+  function of ``(seed, epoch, k)``, so a run resumed from ``(epoch, step)`` sees exactly the examples it would
+  have seen.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import pathlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+IGNORE_INDEX = -100  # label value that losses skip: padding, prompt tokens, packed-example boundaries
+# Powers of two; a longer sequence is padded to a multiple of the last one.
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class DataError(ValueError):
+    """A dataset, example or batch cannot be used as given; the message says which and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _infer_column(values: list[str]) -> list[Any]:
+    """A CSV column as ints if every value is one, else floats if every value is one, else the strings."""
+    for kind in (int, float):
+        try:
+            return [kind(value) for value in values]
+        except ValueError:
+            continue
+    return values
+
+
+def _load_jsonl(path: pathlib.Path) -> list[dict]:
+    examples = []
+    with path.open(encoding="utf-8") as file:
+        for line_number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{path}:{line_number}: not valid JSON ({error.msg}); each line of a .jsonl file must be one "
+                    "JSON object."
+                ) from None
+            if not isinstance(example, dict):
+                raise DataError(
+                    f"{path}:{line_number}: expected a JSON object per line, got a {type(example).__name__}."
+                )
+            examples.append(example)
+    return examples
+
+
+def _load_json(path: pathlib.Path) -> list[dict]:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg}).") from None
+    if not isinstance(content, list):
+        raise DataError(
+            f"{path}: a .json dataset must be a list of objects, got a {type(content).__name__}; "
+            "write one object per line to a .jsonl file instead if that is easier."
+        )
+    for index, example in enumerate(content):
+        if not isinstance(example, dict):
+            raise DataError(f"{path}: item {index} is a {type(example).__name__}, not a JSON object.")
+    return content
+
+
+def _load_csv(path: pathlib.Path, delimiter: str) -> list[dict]:
+    with path.open(encoding="utf-8", newline="") as file:
+        reader = csv.DictReader(file, delimiter=delimiter)
+        header = reader.fieldnames
+        if not header:
+            raise DataError(f"{path}: no header row; the first line must name the columns.")
+        rows = []
+        for row in reader:
+            # DictReader files extra fields under the key None and fills missing ones with None.
+            if None in row or None in row.values():
+                found = len(row) - 1 + len(row[None]) if None in row else sum(v is not None for v in row.values())
+                raise DataError(
+                    f"{path}:{reader.line_num}: has {found} fields but the header has {len(header)}; "
+                    "quote fields that contain the delimiter."
+                )
+            rows.append(row)
+    columns = {name: _infer_column([row[name] for row in rows]) for name in header}
+    return [{name: columns[name][i] for name in header} for i in range(len(rows))]
+
+
+def load_dataset_file(path: str | os.PathLike) -> list[dict]:
+    """Reads a ``.jsonl`` (one object per line), ``.json`` (a list of objects), ``.csv`` or ``.tsv`` file.
+
+    CSV columns whose every value is an integer (or a number) are read as ints (floats), like pandas does; other
+    columns stay strings. A bad row is a one-line ``DataError`` naming the file and line.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "train.csv"
+        >>> _ = path.write_text("text,label\\ngreat movie,1\\n\\"dull, long\\",0\\n")
+        >>> load_dataset_file(path)
+        [{'text': 'great movie', 'label': 1}, {'text': 'dull, long', 'label': 0}]
+    """
+    path = pathlib.Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        examples = _load_jsonl(path)
+    elif suffix == ".json":
+        examples = _load_json(path)
+    elif suffix in (".csv", ".tsv"):
+        examples = _load_csv(path, "\t" if suffix == ".tsv" else ",")
+    else:
+        raise DataError(f"{path}: unknown dataset file type {suffix!r}; use .jsonl, .json, .csv or .tsv.")
+    if not examples:
+        raise DataError(f"{path}: the file holds no examples.")
+    return examples
+
+
+class MapStyleExamples(Sequence):
+    """Read-only view of a map-style dataset (``datasets.Dataset``, a torch ``Dataset``) that checks its items.
+
+    Items are fetched on access, so a large dataset is never copied.
+    """
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        item = self.dataset[int(index)]
+        if not isinstance(item, Mapping):
+            raise DataError(
+                f"item {index} of the {type(self.dataset).__name__} dataset is a {type(item).__name__}, not a dict; "
+                "its __getitem__ must return one example as a dict of columns."
+            )
+        return item
+
+    @property
+    def column_names(self) -> list[str]:
+        names = getattr(self.dataset, "column_names", None)
+        return list(names) if names is not None else list(self[0])
+
+
+def as_examples(dataset: Any) -> Sequence[Mapping]:
+    """The examples of ``dataset`` as a sequence of dicts.
+
+    Accepts a list (or tuple) of dicts, a file path (see ``load_dataset_file``), a ``datasets.Dataset`` or any
+    map-style object with ``__len__`` and ``__getitem__(int)`` returning a dict (a torch ``Dataset``). Map-style
+    objects are wrapped, not copied. An empty dataset is an error.
+
+    Example:
+        >>> class Reviews:  # a torch.utils.data.Dataset-style object
+        ...     def __len__(self):
+        ...         return 2
+        ...     def __getitem__(self, index):
+        ...         return {"text": ["good", "bad"][index], "label": 1 - index}
+        >>> examples = as_examples(Reviews())
+        >>> len(examples), examples[1]
+        (2, {'text': 'bad', 'label': 0})
+    """
+    if isinstance(dataset, (str, os.PathLike)):
+        return load_dataset_file(dataset)
+    if isinstance(dataset, Mapping):
+        raise DataError(
+            "a dict is not a dataset; pass a list of example dicts (from columns: "
+            "[dict(zip(columns, row)) for row in zip(*columns.values())])."
+        )
+    if isinstance(dataset, (list, tuple)):
+        for index, example in enumerate(dataset):
+            if not isinstance(example, Mapping):
+                raise DataError(f"example {index} is a {type(example).__name__}, not a dict of columns.")
+        examples: Sequence[Mapping] = list(dataset)
+    elif hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        examples = MapStyleExamples(dataset)
+    else:
+        raise DataError(
+            f"a {type(dataset).__name__} is not a map-style dataset (it needs __len__ and __getitem__); "
+            "wrap an iterable in list(...)."
+        )
+    if len(examples) == 0:
+        raise DataError("the dataset is empty; training and evaluation need at least one example.")
+    if isinstance(examples, MapStyleExamples):
+        examples[0]  # fails early, with the message above, when items are not dicts
+    return examples
+
+
+# ------------------------------------------------------------------------------------------ tokenization
+
+
+def _column(example: Mapping, key: str, index: int, option: str) -> Any:
+    if key not in example:
+        raise DataError(
+            f"example {index} has no {key!r} column (it has {sorted(example)}); pass {option}= naming the column."
+        )
+    return example[key]
+
+
+def _class_label(value: Any, index: int, label2id: Mapping[str, int] | None) -> int | float | list[float]:
+    """One example's sequence label: an int class, a float (regression) or a list of floats (multi-label)."""
+    if isinstance(value, str):
+        if label2id is None:
+            raise DataError(
+                f"example {index} has the string label {value!r}; pass label2id={{...}} mapping label names to ints."
+            )
+        if value not in label2id:
+            raise DataError(f"example {index} has label {value!r}, which is not in label2id {sorted(label2id)}.")
+        return int(label2id[value])
+    if isinstance(value, (bool, int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, (list, tuple, np.ndarray)) and all(
+        isinstance(v, (int, float, np.integer, np.floating)) for v in value
+    ):
+        return [float(v) for v in value]
+    raise DataError(
+        f"example {index} has a label of type {type(value).__name__}; use an int class id, a float (regression), "
+        "a list of 0/1 (multi-label) or a string with label2id."
+    )
+
+
+def _word_labels(words: list, value: Any, word_ids: list, index: int, label2id) -> list[int]:
+    """Word-level labels spread over sub-tokens: a word's first token keeps its label, the rest and specials -100."""
+    if not isinstance(value, (list, tuple, np.ndarray)) or len(value) != len(words):
+        length = len(value) if isinstance(value, (list, tuple, np.ndarray)) else type(value).__name__
+        raise DataError(
+            f"example {index} has {len(words)} words but its labels are {length}; token classification needs one "
+            "label per word."
+        )
+    per_word = []
+    for label in value:
+        if isinstance(label, str) and label2id is not None and label in label2id:
+            per_word.append(int(label2id[label]))
+        elif isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+            per_word.append(int(label))
+        else:
+            raise DataError(
+                f"example {index} has the word label {label!r}; word labels must be ints (or strings with label2id)."
+            )
+    labels, previous = [], None
+    for word in word_ids:
+        labels.append(IGNORE_INDEX if word is None or word == previous else per_word[word])
+        previous = word
+    return labels
+
+
+def _instruction_features(prompt, response, tokenizer, max_length: int, add_eos: bool, index: int) -> dict:
+    for name, text in (("prompt", prompt), ("response", response)):
+        if not isinstance(text, str):
+            raise DataError(f"example {index}: the {name} is a {type(text).__name__}, not a string.")
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if add_eos and eos is not None:
+        response_ids.append(eos)
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def tokenize(
+    examples: Any,
+    tokenizer: Any,
+    *,
+    text_key: str = "text",
+    text_pair_key: str | None = None,
+    label_key: str | None = "label",
+    max_length: int = 512,
+    prompt_key: str | None = None,
+    response_key: str | None = None,
+    label2id: Mapping[str, int] | None = None,
+    add_eos: bool = True,
+) -> list[dict]:
+    """Tokenizes every example of a dataset (any form ``as_examples`` accepts) into features for a collator.
+
+    Each feature holds ``input_ids`` (``token_type_ids`` too when the tokenizer makes them) and ``labels``:
+
+    - Sequence classification: ``examples[label_key]`` is an int class (a string with ``label2id``), a float
+      (regression) or a list of 0/1 (multi-label). ``text_pair_key`` adds the second text of a pair.
+    - Token classification: ``examples[text_key]`` is a list of words and ``examples[label_key]`` one int per
+      word; a word's first sub-token gets its label, other sub-tokens and special tokens get -100.
+    - Causal LM on plain text: ``label_key=None``; the collator copies ``input_ids`` into the labels.
+    - Causal LM on instruction data: ``prompt_key`` and ``response_key`` name the two columns. They are tokenized
+      separately (the prompt with the tokenizer's special tokens, the response without, then the EOS token when
+      ``add_eos`` and the tokenizer has one) and concatenated, so put the separating space or newline inside
+      the prompt or the response text as the model's format expects. Prompt tokens get label -100.
+
+    Sequences longer than ``max_length`` are truncated at the end.
+
+    Example:
+        >>> from transformers import BertTokenizer
+        >>> words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "film", "dull"]
+        >>> tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(words)})
+        >>> tokenize([{"text": "good film", "label": 1}, {"text": "dull", "label": 0}], tokenizer)
+        [{'input_ids': [2, 4, 5, 3], 'token_type_ids': [0, 0, 0, 0], 'labels': 1}, \
+{'input_ids': [2, 6, 3], 'token_type_ids': [0, 0, 0], 'labels': 0}]
+        >>> tokenize([{"q": "good", "a": "film"}], tokenizer, prompt_key="q", response_key="a")
+        [{'input_ids': [2, 4, 3, 5], 'labels': [-100, -100, -100, 5]}]
+    """
+    examples = as_examples(examples)
+    if (prompt_key is None) != (response_key is None):
+        raise DataError("instruction data needs both prompt_key= and response_key= (or neither).")
+    if max_length < 1:
+        raise DataError(f"max_length={max_length} must be a positive number of tokens.")
+    features = []
+    for index in range(len(examples)):
+        example = examples[index]
+        if prompt_key is not None:
+            prompt = _column(example, prompt_key, index, "prompt_key")
+            response = _column(example, response_key, index, "response_key")
+            features.append(_instruction_features(prompt, response, tokenizer, max_length, add_eos, index))
+            continue
+        text = _column(example, text_key, index, "text_key")
+        pair = None if text_pair_key is None else _column(example, text_pair_key, index, "text_pair_key")
+        words = isinstance(text, (list, tuple))
+        if not (isinstance(text, str) or (words and all(isinstance(word, str) for word in text))):
+            raise DataError(
+                f"example {index}: {text_key!r} is a {type(text).__name__}; it must be a string (or a list of word "
+                "strings for token classification)."
+            )
+        encoding = tokenizer(text, pair, truncation=True, max_length=max_length, is_split_into_words=words)
+        feature = {"input_ids": list(encoding["input_ids"])}
+        if "token_type_ids" in encoding:
+            feature["token_type_ids"] = list(encoding["token_type_ids"])
+        if label_key is not None:
+            value = _column(example, label_key, index, "label_key")
+            if words:
+                feature["labels"] = _word_labels(text, value, encoding.word_ids(), index, label2id)
+            else:
+                feature["labels"] = _class_label(value, index, label2id)
+        features.append(feature)
+    return features
+
+
+# ------------------------------------------------------------------------------------------------ padding
+
+
+def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS, *, max_length: int | None = None) -> int:
+    """The padded length for a batch whose longest sequence has ``n`` tokens.
+
+    The smallest of ``buckets`` (ascending) that holds ``n``; past the last bucket, the next multiple of it;
+    never more than ``max_length``. For "a multiple of 16" pass ``buckets=range(16, 4097, 16)``.
+
+    Example:
+        >>> bucket_length(5), bucket_length(100), bucket_length(70, max_length=80), bucket_length(9000)
+        (16, 128, 80, 12288)
+    """
+    buckets = tuple(buckets)
+    if not buckets or any(b < 1 for b in buckets) or list(buckets) != sorted(buckets):
+        raise DataError(f"buckets={buckets} must be a non-empty ascending sequence of positive lengths.")
+    if max_length is not None and n > max_length:
+        raise DataError(
+            f"a sequence of {n} tokens is longer than max_length={max_length}; truncate when tokenizing "
+            f"(tokenize(..., max_length={max_length}))."
+        )
+    length = next((b for b in buckets if b >= n), None)
+    if length is None:
+        length = math.ceil(n / buckets[-1]) * buckets[-1]
+    return length if max_length is None else min(length, max_length)
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], length: int, value: int, *, side: str = "right") -> np.ndarray:
+    """Stacks integer sequences into an ``int32`` array ``(len(sequences), length)`` filled with ``value``.
+
+    Example:
+        >>> pad_sequences([[5, 6, 7], [8]], 4, 0).tolist()
+        [[5, 6, 7, 0], [8, 0, 0, 0]]
+        >>> pad_sequences([[5, 6, 7], [8]], 4, 0, side="left").tolist()
+        [[0, 5, 6, 7], [0, 0, 0, 8]]
+    """
+    if side not in ("right", "left"):
+        raise DataError(f"padding side {side!r} must be 'right' or 'left'.")
+    out = np.full((len(sequences), length), value, dtype=np.int32)
+    for row, sequence in enumerate(sequences):
+        n = len(sequence)
+        if n > length:
+            raise DataError(f"sequence {row} has {n} tokens, more than the padded length {length}.")
+        if n:
+            if side == "right":
+                out[row, :n] = sequence
+            else:
+                out[row, length - n :] = sequence
+    return out
+
+
+def _resolve_pad_token_id(tokenizer: Any, pad_token_id: int | None) -> int:
+    if pad_token_id is not None:
+        return int(pad_token_id)
+    if tokenizer is None:
+        raise DataError("a collator needs the tokenizer or pad_token_id= to know the padding token.")
+    for name in ("pad_token_id", "eos_token_id"):  # padding is masked, so EOS serves when there is no pad token
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise DataError("the tokenizer has neither a pad nor an EOS token; pass pad_token_id=.")
+
+
+def _token_features(features: Sequence[Mapping], what: str) -> list[Mapping]:
+    if not features:
+        raise DataError(f"{what} got an empty batch.")
+    for index, feature in enumerate(features):
+        if "input_ids" not in feature:
+            raise DataError(
+                f"batch item {index} has no 'input_ids' (it has {sorted(feature)}); tokenize the dataset first "
+                "(jaxpeft.data.tokenize)."
+            )
+    return list(features)
+
+
+def _labels_of(feature: Mapping, index: int) -> Any:
+    for key in ("labels", "label"):
+        if key in feature:
+            return feature[key]
+    raise DataError(f"batch item {index} has no 'labels' (it has {sorted(feature)}); tokenize with label_key=.")
+
+
+class _PaddingCollator:
+    """Shared padding settings of the collators below."""
+
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        *,
+        pad_token_id: int | None = None,
+        buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+        max_length: int | None = None,
+        padding_side: str = "right",
+    ):
+        if padding_side not in ("right", "left"):
+            raise DataError(f"padding_side={padding_side!r} must be 'right' or 'left'.")
+        self.pad_token_id = _resolve_pad_token_id(tokenizer, pad_token_id)
+        self.buckets = None if buckets is None else tuple(buckets)
+        self.max_length = max_length
+        self.padding_side = padding_side
+
+    def padded_length(self, longest: int) -> int:
+        """Bucketed length for a batch (``buckets=None``: the longest sequence, so one shape per length)."""
+        if self.buckets is None:
+            if self.max_length is not None and longest > self.max_length:
+                return bucket_length(longest, (longest,), max_length=self.max_length)  # raises the length error
+            return longest
+        return bucket_length(longest, self.buckets, max_length=self.max_length)
+
+    def pad_inputs(self, features: list[Mapping], length: int | None = None) -> tuple[dict[str, np.ndarray], int]:
+        """``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the features have them), padded."""
+        ids = [list(f["input_ids"]) for f in features]
+        if length is None:
+            length = self.padded_length(max(len(i) for i in ids))
+        side = self.padding_side
+        batch = {
+            "input_ids": pad_sequences(ids, length, self.pad_token_id, side=side),
+            "attention_mask": pad_sequences([[1] * len(i) for i in ids], length, 0, side=side),
+        }
+        if "token_type_ids" in features[0]:
+            batch["token_type_ids"] = pad_sequences([f["token_type_ids"] for f in features], length, 0, side=side)
+        return batch, length
+
+
+class SequenceClassificationCollator(_PaddingCollator):
+    """Pads a batch of tokenized examples; ``labels`` are ``int32 (batch,)`` classes or ``float32`` targets.
+
+    Float labels (regression) give ``float32 (batch,)`` and lists (multi-label) ``float32 (batch, num_labels)``.
+
+    Example:
+        >>> collate = SequenceClassificationCollator(pad_token_id=0, buckets=(4, 8))
+        >>> batch = collate([{"input_ids": [2, 4, 5, 3], "labels": 1}, {"input_ids": [2, 6, 3], "labels": 0}])
+        >>> {name: array.tolist() for name, array in batch.items()}
+        {'input_ids': [[2, 4, 5, 3], [2, 6, 3, 0]], 'attention_mask': [[1, 1, 1, 1], [1, 1, 1, 0]], 'labels': [1, 0]}
+    """
+
+    def __call__(self, features: Sequence[Mapping]) -> dict[str, np.ndarray]:
+        features = _token_features(features, "SequenceClassificationCollator")
+        batch, _ = self.pad_inputs(features)
+        labels = []
+        for index, feature in enumerate(features):
+            label = _labels_of(feature, index)
+            if isinstance(label, str):
+                raise DataError(
+                    f"batch item {index} has the string label {label!r}; map label names to ints when tokenizing "
+                    "(tokenize(..., label2id={...}))."
+                )
+            labels.append(_class_label(label, index, None))
+        if all(isinstance(label, int) for label in labels):
+            batch["labels"] = np.asarray(labels, dtype=np.int32)
+        elif all(isinstance(label, (int, float)) for label in labels):
+            batch["labels"] = np.asarray(labels, dtype=np.float32)
+        elif all(isinstance(label, list) and len(label) == len(labels[0]) for label in labels):
+            batch["labels"] = np.asarray(labels, dtype=np.float32)
+        else:
+            raise DataError("the labels of a batch mix lists and numbers, or lists of different lengths.")
+        return batch
+
+
+class TokenClassificationCollator(_PaddingCollator):
+    """Pads a batch for token classification: ``labels`` are ``int32 (batch, length)`` with -100 on padding.
+
+    Example:
+        >>> collate = TokenClassificationCollator(pad_token_id=0, buckets=(4,))
+        >>> batch = collate([{"input_ids": [2, 4, 3], "labels": [-100, 1, -100]}])
+        >>> batch["input_ids"].tolist(), batch["labels"].tolist()
+        ([[2, 4, 3, 0]], [[-100, 1, -100, -100]])
+    """
+
+    def __call__(self, features: Sequence[Mapping]) -> dict[str, np.ndarray]:
+        features = _token_features(features, "TokenClassificationCollator")
+        batch, length = self.pad_inputs(features)
+        labels = []
+        for index, feature in enumerate(features):
+            label = _labels_of(feature, index)
+            if not isinstance(label, (list, tuple, np.ndarray)) or len(label) != len(feature["input_ids"]):
+                raise DataError(
+                    f"batch item {index}: token classification needs one label per token "
+                    f"({len(feature['input_ids'])}), got {label!r}; tokenize words with their word labels."
+                )
+            labels.append(label)
+        batch["labels"] = pad_sequences(labels, length, IGNORE_INDEX, side=self.padding_side)
+        return batch
+
+
+def pack_examples(features: Sequence[Mapping], max_length: int) -> list[dict]:
+    """Packs tokenized causal-LM examples, in order, into rows of at most ``max_length`` tokens.
+
+    An example joins the current row when it fits and starts a new row otherwise; an example longer than
+    ``max_length`` is truncated to it. Each row holds ``input_ids``, ``labels`` (the example's labels, or its
+    ``input_ids``, with -100 on each example's first token so no loss crosses from one example into the next) and
+    ``position_ids`` that restart at 0 for each example.
+
+    Attention: the collator's ``attention_mask`` is 1 on every packed token, so with the usual causal mask a token
+    also attends to the earlier examples of its row (as in transformers' ``run_clm`` packing). The loss never
+    targets one example from another, and positions restart; an example boundary is where ``position_ids`` is 0.
+
+    Example:
+        >>> rows = pack_examples([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}, {"input_ids": [4, 4, 4]}], 5)
+        >>> [(row["input_ids"], row["labels"], row["position_ids"]) for row in rows]
+        [([5, 6, 7, 8, 9], [-100, 6, 7, -100, 9], [0, 1, 2, 0, 1]), ([4, 4, 4], [-100, 4, 4], [0, 1, 2])]
+    """
+    if max_length < 1:
+        raise DataError(f"packing needs a positive max_length, got {max_length}.")
+    features = _token_features(features, "pack_examples")
+    rows: list[dict] = []
+    row: dict | None = None
+    for index, feature in enumerate(features):
+        ids = list(feature["input_ids"])[:max_length]
+        labels = list(feature.get("labels", feature["input_ids"]))[:max_length]
+        if len(labels) != len(ids):
+            raise DataError(f"example {index} has {len(labels)} labels for {len(ids)} tokens.")
+        if not ids:
+            continue
+        labels[0] = IGNORE_INDEX
+        if row is None or len(row["input_ids"]) + len(ids) > max_length:
+            row = {"input_ids": [], "labels": [], "position_ids": []}
+            rows.append(row)
+        row["input_ids"] += ids
+        row["labels"] += labels
+        row["position_ids"] += list(range(len(ids)))
+    return rows
+
+
+class CausalLMCollator(_PaddingCollator):
+    """Pads (or packs) a batch for causal LM training: ``labels`` are the ``input_ids`` with -100 on padding.
+
+    Features with their own ``labels`` (instruction data from ``tokenize(..., prompt_key=, response_key=)``) keep
+    them, so prompt tokens stay -100. Labels are not shifted: the model's loss predicts token ``t + 1`` from
+    position ``t``, as in transformers. Padding is on the right by default (``padding_side="left"`` for batches
+    that continue generating).
+
+    With ``packing=True`` (needs ``max_length``) the batch's examples are packed into rows of ``max_length``
+    tokens by ``pack_examples`` (see there how attention and labels treat example boundaries), and the batch also
+    holds ``position_ids``. The number of rows depends on the examples' lengths; for one fixed shape, pack the
+    whole dataset once with ``pack_examples`` and batch the rows with this collator (``packing=False``, the same
+    ``max_length``), which keeps the rows' ``position_ids``.
+
+    Example:
+        >>> collate = CausalLMCollator(pad_token_id=0, buckets=(4,))
+        >>> batch = collate([{"input_ids": [5, 6, 7]}, {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}])
+        >>> batch["labels"].tolist(), batch["attention_mask"].tolist()
+        ([[5, 6, 7, -100], [-100, 6, 7, -100]], [[1, 1, 1, 0], [1, 1, 1, 0]])
+        >>> packed = CausalLMCollator(pad_token_id=0, max_length=6, packing=True)([{"input_ids": [5, 6]}] * 4)
+        >>> packed["input_ids"].tolist(), packed["labels"].tolist(), packed["position_ids"].tolist()
+        ([[5, 6, 5, 6, 5, 6], [5, 6, 0, 0, 0, 0]], [[-100, 6, -100, 6, -100, 6], [-100, 6, -100, -100, -100, -100]], \
+[[0, 1, 0, 1, 0, 1], [0, 1, 0, 0, 0, 0]])
+    """
+
+    def __init__(self, tokenizer: Any = None, *, packing: bool = False, **padding: Any):
+        super().__init__(tokenizer, **padding)
+        if packing and self.max_length is None:
+            raise DataError("packing=True needs max_length=, the length of a packed row.")
+        self.packing = packing
+
+    def __call__(self, features: Sequence[Mapping]) -> dict[str, np.ndarray]:
+        features = _token_features(features, "CausalLMCollator")
+        if self.packing:
+            features = pack_examples(features, self.max_length)
+        # A packed row is padded to the full row length so every packed batch has the same width.
+        batch, length = self.pad_inputs(features, self.max_length if self.packing else None)
+        labels = []
+        for index, feature in enumerate(features):
+            label = list(feature.get("labels", feature["input_ids"]))
+            if len(label) != len(feature["input_ids"]):
+                raise DataError(f"batch item {index} has {len(label)} labels for {len(feature['input_ids'])} tokens.")
+            labels.append(label)
+        batch["labels"] = pad_sequences(labels, length, IGNORE_INDEX, side=self.padding_side)
+        if "position_ids" in features[0]:
+            batch["position_ids"] = pad_sequences(
+                [f["position_ids"] for f in features], length, 0, side=self.padding_side
+            )
+        return batch
+
+
+# ------------------------------------------------------------------------------------------- batch order
+
+
+def num_batches(num_examples: int, batch_size: int, *, drop_last: bool = True) -> int:
+    """Number of batches in one epoch.
+
+    Example:
+        >>> num_batches(10, 4), num_batches(10, 4, drop_last=False)
+        (2, 3)
+    """
+    return num_examples // batch_size if drop_last else -(-num_examples // batch_size)
+
+
+def _check_order_args(num_examples: int, batch_size: int, seed: int, epoch: int, start_step: int, drop_last: bool):
+    if num_examples < 1:
+        raise DataError("the dataset is empty; there is nothing to batch.")
+    if batch_size < 1:
+        raise DataError(f"batch_size={batch_size} must be at least 1.")
+    if seed < 0 or epoch < 0:
+        raise DataError(f"seed={seed} and epoch={epoch} must be non-negative integers.")
+    total = num_batches(num_examples, batch_size, drop_last=drop_last)
+    if total == 0:
+        raise DataError(
+            f"{num_examples} examples make no full batch of {batch_size}; lower batch_size or pass drop_last=False."
+        )
+    if not 0 <= start_step <= total:
+        raise DataError(f"start_step={start_step} is outside the epoch's {total} batches (0..{total}).")
+
+
+def epoch_order(num_examples: int, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The order in which an epoch visits the examples: a permutation that depends only on ``(seed, epoch)``.
+
+    Example:
+        >>> bool((epoch_order(5, seed=0, epoch=1) == epoch_order(5, seed=0, epoch=1)).all())
+        True
+        >>> epoch_order(5, seed=0, epoch=1, shuffle=False).tolist()
+        [0, 1, 2, 3, 4]
+    """
+    if not shuffle:
+        return np.arange(num_examples, dtype=np.int64)
+    return np.random.default_rng([seed, epoch]).permutation(num_examples).astype(np.int64)
+
+
+def batch_iterator(
+    num_examples: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    start_step: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = True,
+) -> Iterator[np.ndarray]:
+    """Yields the example indices of each batch of an epoch, from ``start_step`` on.
+
+    Batch ``k`` is a pure function of ``(seed, epoch, k)``: a run resumed from a checkpoint's ``(epoch, step)``
+    continues with exactly the examples it would have seen. ``drop_last=True`` (the default, for training) leaves
+    out the last partial batch so every step has the same shape.
+
+    Example:
+        >>> [b.tolist() for b in batch_iterator(6, 2, seed=0, epoch=0, shuffle=False)]
+        [[0, 1], [2, 3], [4, 5]]
+        >>> whole = [b.tolist() for b in batch_iterator(6, 2, seed=3, epoch=1)]
+        >>> whole[1:] == [b.tolist() for b in batch_iterator(6, 2, seed=3, epoch=1, start_step=1)]
+        True
+    """
+    _check_order_args(num_examples, batch_size, seed, epoch, start_step, drop_last)
+    order = epoch_order(num_examples, seed=seed, epoch=epoch, shuffle=shuffle)
+    for step in range(start_step, num_batches(num_examples, batch_size, drop_last=drop_last)):
+        yield order[step * batch_size : (step + 1) * batch_size]
+
+
+def length_grouped_batch_iterator(
+    lengths: Sequence[int],
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    start_step: int = 0,
+    drop_last: bool = True,
+    group_batches: int = 50,
+) -> Iterator[np.ndarray]:
+    """Like ``batch_iterator``, but each batch holds examples of similar ``lengths``, so less of it is padding.
+
+    The epoch's shuffled order is cut into groups of ``group_batches * batch_size`` examples; each group is
+    sorted by length (longest first) and cut into batches; the full batches are then shuffled (a partial last
+    batch stays last). Everything depends only on ``(seed, epoch)``, so resuming at ``start_step`` is exact.
+
+    Example:
+        >>> lengths = [3, 90, 5, 88, 4, 91]
+        >>> batches = [b.tolist() for b in length_grouped_batch_iterator(lengths, 2, seed=0, epoch=0)]
+        >>> sorted(sorted(lengths[i] for i in b) for b in batches)
+        [[3, 4], [5, 88], [90, 91]]
+    """
+    lengths = np.asarray(lengths)
+    num_examples = len(lengths)
+    if group_batches < 1:
+        raise DataError(f"group_batches={group_batches} must be at least 1.")
+    _check_order_args(num_examples, batch_size, seed, epoch, start_step, drop_last)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(num_examples)
+    group_size = group_batches * batch_size
+    full, partial = [], []
+    for start in range(0, num_examples, group_size):
+        group = order[start : start + group_size]
+        group = group[np.argsort(-lengths[group], kind="stable")]
+        for offset in range(0, len(group), batch_size):
+            batch = group[offset : offset + batch_size].astype(np.int64)
+            (full if len(batch) == batch_size else partial).append(batch)
+    batches = [full[i] for i in rng.permutation(len(full))] + ([] if drop_last else partial)
+    yield from batches[start_step:]
+
+
+def collated_batches(
+    dataset: Any,
+    collator: Any,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    start_step: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = True,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yields ``collator(examples of batch k)`` for each batch of ``batch_iterator`` (same arguments).
+
+    Example:
+        >>> data = [{"input_ids": [5] * n} for n in (1, 2, 3, 4)]
+        >>> collate = CausalLMCollator(pad_token_id=0, buckets=(4, 8))
+        >>> [b["input_ids"].shape for b in collated_batches(data, collate, 2, seed=0, epoch=0)]
+        [(2, 4), (2, 4)]
+    """
+    examples = as_examples(dataset)
+    for indices in batch_iterator(
+        len(examples), batch_size, seed=seed, epoch=epoch, start_step=start_step, shuffle=shuffle, drop_last=drop_last
+    ):
+        yield collator([examples[int(i)] for i in indices])
