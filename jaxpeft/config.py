@@ -114,3 +114,24 @@ def config_class(peft_type: str) -> type[PeftConfig]:
         raise ConfigError(f"peft_type={peft_type!r} is not supported by jaxpeft; supported: "
                           f"{', '.join(sorted(CONFIG_CLASSES))}")
     return CONFIG_CLASSES[peft_type]
+
+
+def model_dimensions(model_config: Any) -> dict[str, int | None]:
+    """What HF PEFT reads from a transformers config (its text config, for multimodal ones) for prompt learning:
+    ``num_layers``, ``token_dim`` and ``num_attention_heads`` (``None`` where absent).
+
+    Example:
+        >>> import transformers
+        >>> from jaxpeft.config import model_dimensions
+        >>> model_dimensions(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4))
+        {'num_layers': 2, 'token_dim': 32, 'num_attention_heads': 4}
+    """
+    if hasattr(model_config, "get_text_config"):
+        model_config = model_config.get_text_config()
+
+    def first(names: tuple[str, ...]) -> Any:
+        return next((getattr(model_config, n) for n in names if getattr(model_config, n, None) is not None), None)
+
+    return {"num_layers": first(("num_hidden_layers", "num_layers", "n_layer")),
+            "token_dim": first(("hidden_size", "n_embd", "d_model")),
+            "num_attention_heads": first(("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"))}

@@ -372,7 +372,7 @@ def freeze(optimizer: optax.GradientTransformation, mask: Any) -> optax.Gradient
     return optax.multi_transform({"trainable": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
-def _layer_groups(variables: Any, adapter_name: str, leaf_keys: tuple[str, ...]) -> dict[Path, dict[str, Any]]:
+def layer_groups(variables: Any, adapter_name: str, leaf_keys: tuple[str, ...]) -> dict[Path, dict[str, Any]]:
     """``{layer path: {leaf key: leaf}}`` for the layers holding the named adapter."""
     groups: dict[Path, dict[str, Any]] = {}
     for path, leaf in flatten(_params(variables)).items():
@@ -386,7 +386,7 @@ def _apply_to_layers(variables: Any, config: PeftConfig, adapters: Any, adapter_
     if not hasattr(method, "merge_layer"):
         raise AdapterError(f"{config.peft_type} adapters cannot be merged into the base weights; keep running the "
                            "adapted model (PeftModel or jaxpeft.rewrite), or unload() for the base model")
-    groups = _layer_groups(adapters, adapter_name, method.leaf_keys + getattr(method, "optional_leaf_keys", ()))
+    groups = layer_groups(adapters, adapter_name, method.leaf_keys + getattr(method, "optional_leaf_keys", ()))
     if not groups:
         raise AdapterError(f"no adapter {adapter_name!r} to merge (adapters present: "
                            f"{adapter_names(adapters) or 'none'})")

@@ -86,8 +86,6 @@ _OFF_VALUES = (None, False, {}, [], "")
 _SUPPORTED_INIT = (True, False, "gaussian")
 # Options that torch PEFT keeps as sets (written in any order): sorted on reading.
 _SET_OPTIONS = ("target_modules", "exclude_modules", "feedforward_modules")
-# GPT-2's Conv1D layers are Dense layers whose torch weight is [in, out] (jaxpeft's kernel layout).
-_CONV1D_LAYERS = {"gpt2": ("c_attn", "c_proj", "c_fc")}
 
 
 def supported_peft_types() -> list[str]:
@@ -268,9 +266,17 @@ def _own_tensors(shapes: dict[Path, tuple[int, ...]]) -> dict:
 # ----- which tensors an adapter has, under which names -----
 
 def _conv1d_names(apply_fn: Callable) -> tuple[str, ...]:
+    """The layers a ``jaxpeft.models`` model's torch twin holds as ``Conv1D`` (none for other models)."""
+    from jaxpeft.models.auto import family_for
+
     module = getattr(apply_fn, "__self__", None)
     model_type = getattr(getattr(module, "config", None), "model_type", None)
-    return _CONV1D_LAYERS.get(model_type, ())
+    if not isinstance(model_type, str):
+        return ()
+    try:
+        return family_for(model_type).conv1d_layers
+    except ValueError:  # a model type jaxpeft.models does not serve
+        return ()
 
 
 def _key_prefix(method: Method) -> str:

@@ -170,8 +170,8 @@ def add_weighted_adapter(variables: Any, configs: dict[str, LoraConfig], adapter
     built = core.init_adapters(jax.random.key(0), dataclasses.replace(new_config, modules_to_save=None), apply_fn,
                                variables, *sample_args, adapter_name=adapter_name, **sample_kwargs)
     flat = flatten(built["params"])
-    groups = {name: core._layer_groups(variables, name, _LEAVES) for name in adapters}
-    for path, new_leaves in core._layer_groups(built, adapter_name, _LEAVES).items():
+    groups = {name: core.layer_groups(variables, name, _LEAVES) for name in adapters}
+    for path, new_leaves in core.layer_groups(built, adapter_name, _LEAVES).items():
         parts = [(weight, {k: jnp.asarray(v, jnp.float32) for k, v in groups[name][path].items()})
                  for name, weight in zip(adapters, weights, strict=True) if path in groups[name]]
         if not parts:

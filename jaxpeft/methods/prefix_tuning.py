@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft._tracing import Trace
-from jaxpeft.config import ConfigError, PeftConfig, check, register_config, strict_options
+from jaxpeft.config import ConfigError, PeftConfig, check, model_dimensions, register_config, strict_options
 from jaxpeft.core import AdapterError, register_method
 from jaxpeft.tree import flatten, register_adapter_keys, unflatten_like
 
@@ -192,11 +192,6 @@ def _require_dimensions(config: PrefixTuningConfig) -> None:
 
 # ----- filling the config from the model (get_peft_model) -----
 
-def _first_attribute(model_config: Any, names: tuple[str, ...]) -> Any:
-    return next((getattr(model_config, name) for name in names if getattr(model_config, name, None) is not None),
-                None)
-
-
 def prepare(config: PrefixTuningConfig, model) -> PrefixTuningConfig:
     """``config`` with what HF PEFT fills from the model's transformers config (options already set are kept,
     except that grouped-query attention always sets ``token_dim`` and ``num_attention_heads`` to the key/value
@@ -204,10 +199,10 @@ def prepare(config: PrefixTuningConfig, model) -> PrefixTuningConfig:
     model_config = model.config
     if hasattr(model_config, "get_text_config"):
         model_config = model_config.get_text_config()
-    num_layers = config.num_layers or _first_attribute(model_config, ("num_hidden_layers", "num_layers", "n_layer"))
-    token_dim = config.token_dim or _first_attribute(model_config, ("hidden_size", "n_embd", "d_model"))
-    heads = config.num_attention_heads or _first_attribute(
-        model_config, ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"))
+    found = model_dimensions(model_config)
+    num_layers = config.num_layers or found["num_layers"]
+    token_dim = config.token_dim or found["token_dim"]
+    heads = config.num_attention_heads or found["num_attention_heads"]
     for name, value in (("num_layers", num_layers), ("token_dim", token_dim), ("num_attention_heads", heads)):
         if value is None:
             raise ConfigError(f"cannot find {name} in the model's config ({type(model_config).__name__}); set "

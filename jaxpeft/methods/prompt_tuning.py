@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft._tracing import Layer, Trace
-from jaxpeft.config import ConfigError, PeftConfig, check, register_config, strict_options
+from jaxpeft.config import ConfigError, PeftConfig, check, model_dimensions, register_config, strict_options
 from jaxpeft.core import AdapterError, register_method
 from jaxpeft.tree import flatten, register_adapter_keys, unflatten_like
 
@@ -178,28 +178,15 @@ class PromptTuningConfig(PeftConfig):
 
 # ----- filling the config from the model (get_peft_model) -----
 
-def _first_present(model_config: dict, keys: tuple[str, ...]):
-    return next((model_config[key] for key in keys if model_config.get(key) is not None), None)
-
-
 def prepare(config: PromptTuningConfig, model) -> PromptTuningConfig:
     """``config`` with what HF PEFT fills from the model's transformers config: ``token_dim``, ``num_layers``,
     ``num_attention_heads`` and ``num_transformer_submodules`` (options already set are kept)."""
     if not hasattr(model.module, "embed_input_ids"):
         raise AdapterError(f"prompt tuning needs a model with an embed_input_ids method and an inputs_embeds input; "
                            f"{type(model.module).__name__} has none")
-    model_config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
-    model_config = model_config.get("text_config") or model_config
-    # HF PEFT's lookups; the config's attribute names (e.g. DistilBERT's hidden_size for `dim`) come first.
-    found = {
-        "num_layers": getattr(model.config, "num_hidden_layers", None)
-        or _first_present(model_config, ("num_hidden_layers", "num_layers", "n_layer")),
-        "token_dim": getattr(model.config, "hidden_size", None)
-        or _first_present(model_config, ("hidden_size", "n_embd", "d_model")),
-        "num_attention_heads": getattr(model.config, "num_attention_heads", None)
-        or _first_present(model_config, ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")),
-        "num_transformer_submodules": 2 if config.task_type == "SEQ_2_SEQ_LM" else 1,
-    }
+    # HF PEFT's lookups, through the config's attribute names (DistilBERT's `dim` answers to hidden_size).
+    found = {**model_dimensions(model.config),
+             "num_transformer_submodules": 2 if config.task_type == "SEQ_2_SEQ_LM" else 1}
     changes = {name: value for name, value in found.items() if getattr(config, name) is None and value is not None}
     return dataclasses.replace(config, **changes) if changes else config
 

@@ -64,6 +64,8 @@ class ModelFamily:
             checkpoint into a classifier) or non-persistent buffers of old checkpoints.
         optional_params: ``/``-joined parameter paths (prefixes) that are initialised and reported rather than an
             error when the checkpoint lacks them, e.g. ``"bert/pooler"``.
+        conv1d_layers: names of Dense layers that the torch model holds as ``Conv1D`` (weight ``[in, out]``, the
+            Dense kernel's layout), e.g. GPT-2's ``c_attn``; adapter files use that layout for them.
     """
 
     model_types: tuple[str, ...]
@@ -73,3 +75,4 @@ class ModelFamily:
     default_lora_targets: tuple[str, ...]
     ignore_unexpected: tuple[str, ...] = ()
     optional_params: tuple[str, ...] = ()
+    conv1d_layers: tuple[str, ...] = ()

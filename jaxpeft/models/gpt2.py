@@ -365,4 +365,5 @@ FAMILY = ModelFamily(
     params_to_hf=params_to_hf,
     default_lora_targets=("c_attn",),
     ignore_unexpected=(r"^lm_head\.", r"^score\.", r"attn\.(masked_)?bias$"),
+    conv1d_layers=("c_attn", "c_proj", "c_fc"),
 )
