@@ -1,5 +1,6 @@
 """jaxpeft: parameter-efficient fine-tuning for JAX and Flax."""
 
+from jaxpeft import evaluation
 from jaxpeft.config import ConfigError, PeftConfig
 from jaxpeft.core import AdapterError, AdapterMix, freeze, init_adapters, merge, rewrite, trainable_mask, unmerge
 from jaxpeft.hf_format import config_from_hf_dict, config_to_hf_dict, load_adapter, save_adapter
@@ -10,6 +11,8 @@ from jaxpeft.methods.lora import LoRAConfig, LoraConfig
 from jaxpeft.methods.prefix_tuning import PrefixTuningConfig
 from jaxpeft.methods.prompt_tuning import PromptTuningConfig, extend_labels
 from jaxpeft.peft_model import PeftModel, get_peft_model
+from jaxpeft.pipelines import Pipeline, PipelineError, pipeline
+from jaxpeft.trainer import Trainer, TrainingArguments
 from jaxpeft.tree import ParameterCount, adapter_names, combine, count_parameters, partition, strip_adapters
 
 __version__ = "0.1.0"
@@ -26,13 +29,18 @@ __all__ = [
     "ParameterCount",
     "PeftConfig",
     "PeftModel",
+    "Pipeline",
+    "PipelineError",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "Trainer",
+    "TrainingArguments",
     "adapter_names",
     "combine",
     "config_from_hf_dict",
     "config_to_hf_dict",
     "count_parameters",
+    "evaluation",
     "extend_labels",
     "freeze",
     "get_peft_model",
@@ -40,6 +48,7 @@ __all__ = [
     "load_adapter",
     "merge",
     "partition",
+    "pipeline",
     "rewrite",
     "save_adapter",
     "strip_adapters",

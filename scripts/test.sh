@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh test
 python -m ruff check jaxpeft tests benchmarks
-python -m pytest -q "$@"
+python -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"

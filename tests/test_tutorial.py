@@ -55,9 +55,24 @@ for m in (lora_model, adapter_model, prefix_model, prompt_model, bitfit_model):
 WORKFLOW = '''
 inputs = tokenizer("Hello, world!", return_tensors="np")
 outputs = lora_model(**inputs)                      # inference: outputs.logits
+
+from jaxpeft import pipeline, Trainer, TrainingArguments
+classifier = pipeline("sentiment-analysis", model=lora_model, tokenizer=tokenizer)
+classifier("I love this movie!")                    # [{'label': ..., 'score': ...}]
+
+trainer = Trainer(model=lora_model, args=TrainingArguments(output_dir="out", num_train_epochs=1),
+                  train_dataset=train_ds, eval_dataset=eval_ds)
+trainer.train(); metrics = trainer.evaluate(); trainer.save_model()
+
+lora_model.save_pretrained("./my_adapter")          # adapter only, HF PEFT format
+from jaxpeft import PeftModel
+reloaded = PeftModel.from_pretrained(model, "./my_adapter")
+
 ids = tokenizer("Once upon a time", return_tensors="np")["input_ids"]
 generated_ids = prefix_model.generate(ids, max_length=50)   # max_length and max_new_tokens both accepted
 '''
+REVIEWS = [("I love this movie!", 1), ("a dull and tiresome film", 0), ("wonderful acting", 1),
+           ("boring plot", 0)] * 6
 LINE = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: [\d.]+")
 DISTILBERT = transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=30522,
                                            max_position_embeddings=64, num_labels=2, pad_token_id=0)
@@ -142,11 +157,46 @@ def test_the_base_model_is_never_changed(tutorial, folders):
     assert jaxpeft.adapter_names(namespace["model"].params) == []
 
 
-def test_the_transformers_workflow_around_them(tutorial):
+class TokenizedReviews(torch.utils.data.Dataset):
+    """A torch map-style dataset of tokenized examples, as tutorials build them."""
+
+    def __init__(self, tokenizer, reviews):
+        self.encodings = [tokenizer(text) for text, _ in reviews]
+        self.labels = [label for _, label in reviews]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {**self.encodings[index], "labels": self.labels[index]}
+
+
+def test_the_transformers_workflow_around_them(tutorial, tmp_path, monkeypatch):
     namespace, _ = tutorial
-    with contextlib.redirect_stdout(io.StringIO()):
+    monkeypatch.chdir(tmp_path)
+    tokenizer = namespace["tokenizer"]
+    namespace["train_ds"] = TokenizedReviews(tokenizer, REVIEWS)
+    namespace["eval_ds"] = [{**tokenizer(text), "label": label} for text, label in REVIEWS[:4]]
+    before = jax.tree_util.tree_leaves(namespace["lora_model"].params)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         exec(compile(WORKFLOW, "workflow", "exec"), namespace)
     assert namespace["outputs"].logits.shape == (1, 2)
+
+    [prediction] = namespace["classifier"]("I love this movie!")
+    probabilities = jax.nn.softmax(namespace["lora_model"](**tokenizer("I love this movie!", return_tensors="np"))
+                                   .logits[0])
+    assert prediction["label"] == f"LABEL_{int(np.argmax(probabilities))}"
+    assert prediction["score"] == pytest.approx(float(np.max(probabilities)), rel=1e-5)
+
+    trained = namespace["lora_model"]
+    assert namespace["trainer"].state.step == len(REVIEWS) // 8  # one epoch of batches of 8
+    assert any(not np.array_equal(a, b) for a, b in zip(before, jax.tree_util.tree_leaves(trained.params),
+                                                        strict=True))
+    assert set(namespace["metrics"]) >= {"eval_loss", "eval_accuracy"}
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "my_adapter" / "adapter_config.json").exists()
+    batch = tokenizer(["a dull and tiresome film", "wonderful acting"], padding=True, return_tensors="np")
+    np.testing.assert_allclose(namespace["reloaded"](**batch).logits, trained(**batch).logits, atol=1e-5)
     ids, generated = namespace["ids"], namespace["generated_ids"]
     assert generated.shape == (1, 50) and np.array_equal(generated[:, :ids.shape[1]], ids)
     more = namespace["prefix_model"].generate(ids, max_new_tokens=3, eos_token_id=None)

@@ -1,0 +1,89 @@
+"""The demo's pieces and command line; the demos themselves on a few examples of the real assets."""
+
+import json
+
+import numpy as np
+import pytest
+import transformers
+
+from jaxpeft import assets, demo
+from jaxpeft.models import AutoModel
+
+
+def tiny_encoder():
+    return AutoModel.from_config(transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1,
+                                                         num_attention_heads=2, intermediate_size=16,
+                                                         max_position_embeddings=64))
+
+
+def test_mean_pooled_embeddings_ignore_padding():
+    encoder = tiny_encoder()
+    features = [{"input_ids": [2, 5, 6, 7, 3]}, {"input_ids": [2, 9, 3]}, {"input_ids": [2, 4, 3]}]
+    embeddings = demo.mean_pooled_embeddings(encoder, features, batch_size=3)  # one batch, two rows padded
+    alone = np.asarray(encoder(input_ids=[features[0]["input_ids"]]).last_hidden_state[0])  # unpadded
+    np.testing.assert_allclose(embeddings[0], alone.mean(0), atol=1e-5)
+    pair = np.asarray(encoder(input_ids=[features[1]["input_ids"], features[2]["input_ids"]]).last_hidden_state)
+    np.testing.assert_allclose(embeddings[1:], pair.mean(1), atol=1e-5)
+    assert embeddings.shape == (3, 8)
+    in_pairs = demo.mean_pooled_embeddings(encoder, features, batch_size=2)  # the last batch filled to 2 rows
+    np.testing.assert_allclose(in_pairs, embeddings, atol=1e-5)
+
+
+def test_linear_probe_matches_a_separating_direction():
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=(400, 6)).astype(np.float32) * np.array([1, 1, 1, 1, 1, 10], np.float32)
+    labels = (inputs[:, 2] - inputs[:, 4] > 0).astype(int)  # the large 6th feature is noise
+    predict = demo.train_linear_probe(inputs, labels)
+    fresh = rng.normal(size=(200, 6)).astype(np.float32)
+    assert np.mean(predict(fresh) == (fresh[:, 2] - fresh[:, 4] > 0)) > 0.95
+    with pytest.raises(ValueError, match="needs embeddings"):
+        demo.train_linear_probe(inputs, labels[:10])
+
+
+def test_token_blocks_cut_the_token_stream():
+    tokenizer = transformers.BertTokenizer(
+        vocab={word: i for i, word in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b", "c"])},
+        eos_token="[SEP]")
+    texts = ["a b c", "b", "c c a b"]
+    stream = []
+    for text in texts:
+        stream += tokenizer(text)["input_ids"] + [3]
+    blocks = demo.token_blocks(texts, tokenizer, 4)
+    assert [block["input_ids"] for block in blocks] == [stream[i:i + 4] for i in range(0, len(stream) - 3, 4)]
+    assert len(demo.token_blocks(texts, tokenizer, 4, max_blocks=2)) == 2
+
+
+def test_bad_arguments_exit_with_one_line(tmp_path):
+    for argv, message in ((["--steps", "0"], "--steps must be at least 1"),
+                          (["--batch-size", "-2"], "--batch-size must be at least 1"),
+                          (["--learning-rate", "0"], "--learning-rate must be > 0")):
+        with pytest.raises(SystemExit, match=message):
+            demo.main(argv + ["--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_asset_exits_with_the_command_that_gets_it(tmp_path, monkeypatch):
+    monkeypatch.delenv(assets.ASSETS_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # no .assets/ here
+    with pytest.raises(SystemExit, match=r"^error: .*pip download --no-deps --no-binary :all: vaderSentiment"):
+        demo.main(["--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_quick_sentiment_demo_writes_its_outputs(tmp_path, capsys):
+    recipe = demo.SentimentRecipe(steps=3, batch_size=8, max_length=16, validation_size=16, eval_every=3,
+                                  train_limit=64, test_limit=24)
+    results = demo.sentiment_demo(tmp_path, recipe, progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["test"] == results["test"] and saved["steps"] == 3
+    assert saved["test_sentences"] == 24 and saved["train_sentences"] == 48
+    assert all(0 <= value <= 1 for value in results["test"].values())
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 8 and "classifier" in adapter["modules_to_save"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 100_000
+    assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "loss" in r] == [3]  # logging_steps = eval_every
+    assert any("eval_accuracy" in r for r in logs)
+    printed = capsys.readouterr().out
+    assert f"test accuracy {results['test']['fine_tuned_accuracy']:.4f}" in printed and str(tmp_path) in printed
