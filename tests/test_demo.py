@@ -87,3 +87,4 @@ def test_quick_sentiment_demo_writes_its_outputs(tmp_path, capsys):
     assert any("eval_accuracy" in r for r in logs)
     printed = capsys.readouterr().out
     assert f"test accuracy {results['test']['fine_tuned_accuracy']:.4f}" in printed and str(tmp_path) in printed
+    assert printed.count("truly ") == 4  # the reloaded adapter labelled four held-out sentences
