@@ -1,6 +1,6 @@
 """jaxpeft: parameter-efficient fine-tuning for JAX and Flax."""
 
-from jaxpeft import evaluation
+from jaxpeft import evaluation, sharding
 from jaxpeft.config import ConfigError, PeftConfig
 from jaxpeft.core import AdapterError, AdapterMix, freeze, init_adapters, merge, rewrite, trainable_mask, unmerge
 from jaxpeft.hf_format import config_from_hf_dict, config_to_hf_dict, load_adapter, save_adapter
@@ -51,6 +51,7 @@ __all__ = [
     "pipeline",
     "rewrite",
     "save_adapter",
+    "sharding",
     "strip_adapters",
     "trainable_mask",
     "unmerge",

@@ -26,7 +26,6 @@ import dataclasses
 import difflib
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -334,6 +333,8 @@ HYPER_PARAMETERS = (
     ("--max-length", "max_length", "int", "truncate examples to this many tokens (default: the model's position "
      "limit, at most 512)"),
     ("--no-progress", "disable_tqdm", "flag", "no progress bar"),
+    ("--mesh", "mesh", "str", "shard over the devices as a mesh, e.g. data=4,fsdp=2 or data=2,tensor=4 (default: "
+     "data parallel over every device)"),
 )
 # Flags for the most used method options; any other config field goes through --option KEY=VALUE.
 METHOD_OPTIONS = (
@@ -405,6 +406,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _Command]]:
         train.option(group, flag, kind, help_text, choices=choices.get(field), shown_default=shown)
     train.option(group, "--training-arg", "pairs", "any other TrainingArguments field, the value as JSON "
                  "(repeatable)")
+    group = train.group("several hosts (jax.distributed; also read from JAX_COORDINATOR_ADDRESS, "
+                        "JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
+    train.option(group, "--coordinator-address", "str", "host:port of process 0, the same for every process",
+                 metavar="HOST:PORT")
+    train.option(group, "--num-processes", "int", "how many processes take part")
+    train.option(group, "--process-id", "int", "this process's number, 0 .. num-processes - 1")
+    train.option(group, "--distributed", "flag", "let JAX detect the cluster (TPU pod, Slurm, Open MPI)")
     group = train.group("output")
     train.option(group, "--output-dir", "str", "run folder: adapter/, checkpoints, metrics and jaxpeft_run.json",
                  metavar="DIR", required=True)
@@ -819,6 +827,8 @@ def _training_arguments(options: argparse.Namespace) -> trainer.TrainingArgument
         if value is not None and value is not False:
             chosen[field] = value
     chosen.update(dict(options.training_arg or []))
+    if options.overwrite:
+        chosen["overwrite_output_dir"] = True  # the Trainer deletes the earlier run's checkpoints
     if "eval_strategy" not in chosen and options.eval_file:
         chosen["eval_strategy"] = "steps" if chosen.get("eval_steps") else "epoch"
     known = {field.name for field in dataclasses.fields(trainer.TrainingArguments)} - {"output_dir"}
@@ -843,6 +853,10 @@ def _jsonable(value: Any) -> Any:
 
 def run_train(options: argparse.Namespace) -> int:
     """``jaxpeft train``: fine-tune, then write ``<output-dir>/adapter`` and ``<output-dir>/jaxpeft_run.json``."""
+    from jaxpeft import sharding
+
+    sharding.initialize_distributed(options.coordinator_address, options.num_processes, options.process_id,
+                                    auto=bool(options.distributed))
     task = task_name(options.task)
     checkpoints = os.path.join(options.output_dir, "checkpoints")
     has_checkpoints = os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
@@ -897,8 +911,6 @@ def run_train(options: argparse.Namespace) -> int:
         "training_arguments": _jsonable(dataclasses.asdict(training_args)),
         "adapter": ADAPTER_FOLDER,
     }
-    if options.overwrite and has_checkpoints:
-        shutil.rmtree(checkpoints)
     _write_json(os.path.join(options.output_dir, RUN_FILE), run)  # before training: export works on a cut run
     compute_metrics = None
     if task != "causal_lm" and eval_features is not None:
@@ -924,10 +936,10 @@ def run_train(options: argparse.Namespace) -> int:
 
 
 def evaluate_features(model, features: Sequence[Mapping], task: str, collator, batch_size: int = 8) -> dict:
-    """Metrics of ``model`` (a PeftModel or a plain model) on tokenized ``features``: for ``causal_lm`` the
-    ``perplexity`` over every labelled token (``jaxpeft.evaluation.perplexity``) and its log, ``loss``; for
-    classification ``loss`` (mean cross-entropy over examples, or over labelled tokens for ``token_cls``),
-    ``accuracy`` and ``f1`` (binary for two classes, macro otherwise).
+    """Metrics of ``model`` (a PeftModel or a plain model) on tokenized ``features``, as ``Trainer.evaluate``
+    computes them: ``loss`` (the mean cross-entropy over examples for ``seq_cls``, over labelled tokens otherwise)
+    and ``num_examples``, with ``perplexity`` (``exp`` of the loss) for ``causal_lm``, or ``accuracy`` and ``f1``
+    (binary for two classes, macro otherwise) for classification.
 
     Example:
         >>> import transformers
@@ -941,49 +953,22 @@ def evaluate_features(model, features: Sequence[Mapping], task: str, collator, b
         >>> sorted(metrics), 5 < metrics["perplexity"] < 20  # about uniform over 10 tokens: untrained
         (['loss', 'num_examples', 'perplexity'], True)
     """
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-
     from jaxpeft import evaluation
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    size = min(batch_size, len(features))
-    batches = []
-    for start in range(0, len(features), size):
-        rows = list(features[start:start + size])
-        batch = collator(rows + rows[:1] * (size - len(rows)))  # filled up to one batch shape: fewer compilations
-        labels = np.array(batch["labels"])
-        labels[len(rows):] = training.IGNORE_INDEX  # the filler rows count for nothing
-        batches.append({**batch, "labels": labels})
-    if task == "causal_lm":
-        perplexity = evaluation.perplexity(model, batches)
-        return {"loss": math.log(perplexity), "perplexity": perplexity, "num_examples": len(features)}
-    total_loss, total_count = 0.0, 0
-    predictions, references = [], []
-    for batch in batches:
-        labels = batch.pop("labels")
-        logits = jnp.asarray(model(**batch).logits, jnp.float32)
-        if task == "seq_cls":
-            if logits.shape[-1] == 1:
-                raise UsageError("eval reports classification metrics; this model has one output (regression)")
-            keep = labels != training.IGNORE_INDEX
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, labels, 0))
-            loss = jnp.sum(jnp.where(keep, losses, 0.0)) / max(int(keep.sum()), 1)
-        else:
-            logits = logits[:, logits.shape[1] - labels.shape[1]:]  # drops virtual tokens in front (prompt tuning)
-            keep = labels != training.IGNORE_INDEX
-            loss = training.token_classification_loss(logits, labels)
-        total_loss += float(loss) * int(keep.sum())
-        total_count += int(keep.sum())
-        predictions.append(np.asarray(jnp.argmax(logits, -1))[keep])
-        references.append(np.asarray(labels)[keep])
-    predicted, reference = np.concatenate(predictions), np.concatenate(references)
-    config = model.base_model.config if hasattr(model, "base_model") else model.config
-    average = "binary" if config.num_labels == 2 else "macro"
-    return {"loss": total_loss / max(total_count, 1), "accuracy": evaluation.accuracy(predicted, reference),
-            "f1": evaluation.f1_score(predicted, reference, average=average), "num_examples": len(features)}
+    peft_model = model if hasattr(model, "peft_config") else jaxpeft.PeftModel(model, None)
+    if task != "causal_lm" and peft_model.base_model.config.num_labels == 1:
+        raise UsageError("eval reports classification metrics; this model has one output (regression)")
+    names = ("loss", "perplexity") if task == "causal_lm" else ("loss", "accuracy", "f1")
+    # evaluate() logs to output_dir/metrics.jsonl: a scratch folder, so that a run's own log stays as training left it
+    with tempfile.TemporaryDirectory() as scratch:
+        args = trainer.TrainingArguments(scratch, per_device_eval_batch_size=min(batch_size, len(features)),
+                                         disable_tqdm=True)
+        evaluator = trainer.Trainer(peft_model, args, data_collator=collator, task=task, compute_metrics=(
+            None if task == "causal_lm" else evaluation.classification_metrics))
+        metrics = evaluator.evaluate(list(features))
+    return {**{name: metrics[f"eval_{name}"] for name in names}, "num_examples": len(features)}
 
 
 def run_eval(options: argparse.Namespace) -> int:

@@ -3,7 +3,7 @@
 The classification metrics are plain numpy with scikit-learn's definitions (an F1 with no predicted and no true
 example of a class is 0). ``classification_metrics`` is a ``compute_metrics`` for ``jaxpeft.trainer.Trainer`` (and
 for transformers' ``Trainer``). ``perplexity`` runs the model in padded, bucketed batches and sums the next-token
-log-likelihoods on the device.
+log-likelihoods on the device (``jaxpeft.training.loss_sums``).
 
 Example:
     >>> accuracy([1, 0, 1, 1], [1, 0, 0, 1])
@@ -21,9 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jaxpeft import data, pipelines
+from jaxpeft import data, pipelines, training
+from jaxpeft.methods.prompt_tuning import extend_labels
 
 AVERAGES = ("binary", "macro", "micro", "weighted")
 IGNORE_INDEX = -100
@@ -155,18 +155,13 @@ def classification_metrics(eval_prediction: Any) -> dict[str, float]:
 
 
 @jax.jit
-def _nll_sum_and_count(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token negative log-likelihood (logits at t predict ``labels[t + 1]``) and the number of
-    scored tokens; labels are extended with ``-100`` in front for positions a prompt-tuning adapter adds."""
+def _causal_lm_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array | None) -> dict[str, jax.Array]:
+    """``training.loss_sums`` of a causal LM's batch, the labels extended with ``-100`` in front for positions a
+    prompt-tuning adapter adds."""
     extra = logits.shape[1] - labels.shape[1]
     if extra > 0:
-        labels = jnp.concatenate([jnp.full((labels.shape[0], extra), IGNORE_INDEX, labels.dtype), labels], axis=1)
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        logits[:, :-1].astype(jnp.float32), jnp.where(keep, targets, 0)
-    )
-    return jnp.sum(jnp.where(keep, losses, 0.0)), jnp.sum(keep)
+        labels = extend_labels(labels, extra)
+    return training.loss_sums(logits, labels, "causal_lm", weights)
 
 
 def sliding_windows(input_ids: Sequence[int], window: int, stride: int | None = None) -> list[tuple[list, list]]:
@@ -208,15 +203,11 @@ def _text_batches(model, texts: list[str], tokenizer, batch_size: int, window: i
         pieces = sliding_windows(ids, window, stride) if window is not None else [(ids, ids)]
         features.extend({"input_ids": piece, "labels": labels} for piece, labels in pieces)
     pad_token_id = pipelines._pad_token_id_of(model, tokenizer)
-    for start in range(0, len(features), batch_size):
-        chunk = features[start : start + batch_size]
-        length = data.bucket_length(max(len(f["input_ids"]) for f in chunk), max_length=limit)
-        rows = pipelines.rows_for(len(chunk), batch_size)
-        batch = pipelines.pad_features(chunk, length=length, rows=rows, pad_token_id=pad_token_id)
-        batch["labels"] = data.pad_sequences([f["labels"] for f in chunk], length, IGNORE_INDEX)
-        batch["labels"] = np.concatenate([batch["labels"], np.full((rows - len(chunk), length), IGNORE_INDEX,
-                                                                   np.int32)])
-        yield batch
+    for filled in pipelines.filled_batches(features, batch_size, shrink_last=True):
+        length = data.bucket_length(max(len(f["input_ids"]) for f in filled.rows), max_length=limit)
+        batch = pipelines.pad_features(filled.rows, length=length, pad_token_id=pad_token_id)
+        batch["labels"] = data.pad_sequences([f["labels"] for f in filled.rows], length, IGNORE_INDEX)
+        yield {**batch, "weights": filled.weights}
 
 
 def _given_batch(batch: Mapping, index: int) -> dict:
@@ -303,9 +294,9 @@ def perplexity(
         if "attention_mask" in batch:
             inputs["attention_mask"] = batch["attention_mask"]
         output = model(**inputs, params=params)
-        nll, count = _nll_sum_and_count(output.logits, jnp.asarray(batch["labels"], jnp.int32))
-        total_nll += float(nll)
-        total_count += int(count)
+        sums = _causal_lm_sums(output.logits, jnp.asarray(batch["labels"], jnp.int32), batch.get("weights"))
+        total_nll += float(sums["loss_sum"])
+        total_count += int(sums["count"])
     if total_count == 0:
         raise MetricError("no token to score: every text or window has fewer than 2 tokens (the first token of "
                           "each has no context).")

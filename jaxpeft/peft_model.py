@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import jax
@@ -75,6 +76,7 @@ class PeftModel:
         self.peft_config: dict[str, PeftConfig] = {}
         self.params = model.params
         self.active_adapter: str | None = None
+        self.adapter_folders: dict[str, str] = {}  # where loaded adapters came from (a tokenizer may sit there)
         self._disabled = False
         self._runners: dict[Any, Any] = {}
         if config is not None:
@@ -131,7 +133,10 @@ class PeftModel:
 
     @property
     def apply_fn(self):
-        """The rewritten apply of the active adapter (the base apply while ``disable_adapter`` is on)."""
+        """The rewritten apply of the active adapter (the base apply while ``disable_adapter`` is on, or before any
+        adapter is added)."""
+        if not self.peft_config:
+            return self.base_model.apply_fn
         name = None if self._disabled or self.active_adapter is None else self.active_adapter
         return functools.partial(core.rewrite(self.base_model.apply_fn, self.peft_config), adapter_name=name)
 
@@ -160,7 +165,7 @@ class PeftModel:
         if name not in self._runners:
             base = self.base_model
             runner = PretrainedModel(base.module, self.params, base.config, base.family, base.head)
-            runner.apply_fn = functools.partial(core.rewrite(base.apply_fn, self.peft_config), adapter_name=name)
+            runner.apply_fn = self.apply_fn
             self._runners[name] = runner
         return self._runners[name]
 
@@ -245,6 +250,7 @@ class PeftModel:
                                                 adapter_name=adapter_name, **_sample_inputs(self.base_model))
         self.params = params
         self.peft_config[adapter_name] = dataclasses.replace(config, inference_mode=not is_trainable)
+        self.adapter_folders[adapter_name] = os.fspath(folder)
         self._runners.clear()
 
     @classmethod

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
-import transformers
 
 from jaxpeft import data
 
@@ -90,40 +89,84 @@ def rows_for(count: int, batch_size: int) -> int:
     return min(1 << max(count - 1, 0).bit_length(), max(batch_size, count))
 
 
-def pad_features(
-    features: Sequence[Mapping[str, Sequence[int]]], *, length: int, rows: int, pad_token_id: int, side: str = "right"
-) -> dict[str, np.ndarray]:
-    """Stacks tokenized inputs into ``int32`` arrays ``(rows, length)``: ``input_ids`` padded with ``pad_token_id``,
-    ``attention_mask`` and (when the features have them) ``token_type_ids``. Rows past ``len(features)`` repeat the
-    first input, so they are valid inputs whose results are dropped.
+class FilledBatch(NamedTuple):
+    """One batch of ``filled_batches``: ``rows`` holds the items from index ``start`` on, the first ``count`` of
+    them real and the rest copies of the first."""
+
+    start: int
+    rows: list
+    count: int
+
+    @property
+    def weights(self) -> np.ndarray:
+        """``float32`` 1.0 for each real row, 0.0 for each copy."""
+        return (np.arange(len(self.rows)) < self.count).astype(np.float32)
+
+
+def filled_batches(items: Sequence, batch_size: int, *, shrink_last: bool = False) -> Iterator[FilledBatch]:
+    """``items`` in batches of ``batch_size`` rows, the last one filled up with copies of its first item: valid
+    inputs whose results are dropped (or weighted 0), so that a jitted model sees one batch shape. With
+    ``shrink_last`` the last batch is filled only to ``rows_for(count, batch_size)`` rows (a power of two).
 
     Example:
-        >>> batch = pad_features([{"input_ids": [5, 6]}, {"input_ids": [7]}], length=4, rows=4, pad_token_id=0)
-        >>> batch["input_ids"].tolist(), batch["attention_mask"][1].tolist()
-        ([[5, 6, 0, 0], [7, 0, 0, 0], [5, 6, 0, 0], [5, 6, 0, 0]], [1, 0, 0, 0])
+        >>> [(b.start, b.rows, b.count) for b in filled_batches("abcde", 2)]
+        [(0, ['a', 'b'], 2), (2, ['c', 'd'], 2), (4, ['e', 'e'], 1)]
+        >>> [b.rows for b in filled_batches("abcde", 8, shrink_last=True)], next(filled_batches("ab", 4)).weights
+        ([['a', 'b', 'c', 'd', 'e', 'a', 'a', 'a']], array([1., 1., 0., 0.], dtype=float32))
     """
-    filled = list(features) + [features[0]] * (rows - len(features))
-    ids = [list(feature["input_ids"]) for feature in filled]
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    for start in range(0, len(items), batch_size):
+        chunk = [items[index] for index in range(start, min(start + batch_size, len(items)))]
+        rows = rows_for(len(chunk), batch_size) if shrink_last else batch_size
+        yield FilledBatch(start, chunk + [chunk[0]] * (rows - len(chunk)), len(chunk))
+
+
+def pad_features(
+    features: Sequence[Mapping[str, Sequence[int]]], *, length: int, pad_token_id: int, side: str = "right"
+) -> dict[str, np.ndarray]:
+    """Stacks tokenized inputs into ``int32`` arrays ``(len(features), length)``: ``input_ids`` padded with
+    ``pad_token_id``, ``attention_mask`` and (when the features have them) ``token_type_ids``.
+
+    Example:
+        >>> batch = pad_features([{"input_ids": [5, 6]}, {"input_ids": [7]}], length=4, pad_token_id=0)
+        >>> batch["input_ids"].tolist(), batch["attention_mask"][1].tolist()
+        ([[5, 6, 0, 0], [7, 0, 0, 0]], [1, 0, 0, 0])
+    """
+    ids = [list(feature["input_ids"]) for feature in features]
     batch = {
         "input_ids": data.pad_sequences(ids, length, pad_token_id, side=side),
         "attention_mask": data.pad_sequences([[1] * len(i) for i in ids], length, 0, side=side),
     }
-    if "token_type_ids" in filled[0]:
-        batch["token_type_ids"] = data.pad_sequences([f["token_type_ids"] for f in filled], length, 0, side=side)
+    if "token_type_ids" in features[0]:
+        batch["token_type_ids"] = data.pad_sequences([f["token_type_ids"] for f in features], length, 0, side=side)
     return batch
+
+
+def _model_folders(model: Any) -> list[str]:
+    """The folders a tokenizer may have been saved in: the active adapter's (``adapter_folders``, filled by
+    ``PeftModel.load_adapter``), then the base model's."""
+    adapter_folders = getattr(model, "adapter_folders", None) or {}
+    candidates = (adapter_folders.get(getattr(model, "active_adapter", None)),
+                  getattr(_base_model_of(model).config, "name_or_path", None))
+    return [os.fspath(folder) for folder in candidates if folder and os.path.isdir(folder)]
 
 
 def _resolve_tokenizer(model: Any, tokenizer: Any = None) -> Any:
     """``tokenizer`` itself, one loaded from a folder or hub id given as a string, or (when ``None``) the one saved
     in the folder the model was loaded from; a ``PipelineError`` when there is none."""
     if tokenizer is None:
-        folder = getattr(_base_model_of(model).config, "name_or_path", "") or ""
-        if not (os.path.isdir(folder) and any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES)):
-            where = f"the model's folder {folder!r} has no tokenizer files" if folder else "the model has no folder"
+        folders = _model_folders(model)
+        tokenizer = next((folder for folder in folders
+                          if any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES)), None)
+        if tokenizer is None:
+            where = (f"{' and '.join(map(repr, folders))} hold{'s' if len(folders) == 1 else ''} no tokenizer files"
+                     if folders else "the model has no folder")
             raise PipelineError(f"no tokenizer given and {where}; pass tokenizer= (a transformers tokenizer or the "
                                 "folder that holds one).")
-        tokenizer = folder
     if isinstance(tokenizer, (str, os.PathLike)):
+        import transformers
+
         try:
             return transformers.AutoTokenizer.from_pretrained(os.fspath(tokenizer))
         except (OSError, ValueError) as error:
@@ -291,16 +334,11 @@ class Pipeline:
             raise PipelineError(f"input {empty} has no tokens after tokenization; give a non-empty text.")
         self._check_vocabulary(features)
         results: list = []
-        step = 1 if exact_length else batch_size
-        for start in range(0, len(features), step):
-            chunk = features[start : start + step]
-            if exact_length:
-                length, rows = len(chunk[0]["input_ids"]), 1
-                self._padded_length(chunk, start)  # the limit check
-            else:
-                length, rows = self._padded_length(chunk, start), rows_for(len(chunk), batch_size)
-            batch = pad_features(chunk, length=length, rows=rows, pad_token_id=self._pad_token_id)
-            output = self._forward(batch)
+        for batch in filled_batches(features, 1 if exact_length else batch_size, shrink_last=True):
+            chunk = batch.rows[: batch.count]
+            length = self._padded_length(chunk, batch.start)  # also the limit check
+            length = len(chunk[0]["input_ids"]) if exact_length else length
+            output = self._forward(pad_features(batch.rows, length=length, pad_token_id=self._pad_token_id))
             results.extend(read(output, row, feature, length) for row, feature in enumerate(chunk))
         return results
 
@@ -636,11 +674,11 @@ class TextGenerationPipeline(Pipeline):
             sampling["eos_token_id"] = options["eos_token_id"]
         eos_ids = self._eos_ids(options)
         results = []
-        for start in range(0, len(items), batch_size):
-            chunk, chunk_budgets = prompts[start : start + batch_size], budgets[start : start + batch_size]
+        for filled in filled_batches([{"input_ids": ids} for ids in prompts], batch_size, shrink_last=True):
+            start, chunk = filled.start, prompts[filled.start : filled.start + filled.count]
+            chunk_budgets = budgets[start : start + filled.count]
             length = data.bucket_length(max(len(ids) for ids in chunk), self.buckets)
-            batch = pad_features([{"input_ids": ids} for ids in chunk], length=length,
-                                 rows=rows_for(len(chunk), batch_size), pad_token_id=self._pad_token_id, side="left")
+            batch = pad_features(filled.rows, length=length, pad_token_id=self._pad_token_id, side="left")
             sequences = np.asarray(self.model.generate(batch["input_ids"], batch["attention_mask"],
                                                        max_new_tokens=max(chunk_budgets), **sampling))
             for row, (prompt_ids, budget) in enumerate(zip(chunk, chunk_budgets, strict=True)):

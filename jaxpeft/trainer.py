@@ -39,6 +39,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -48,8 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft import data as data_lib
-from jaxpeft import training
-from jaxpeft.tree import combine, partition
+from jaxpeft import pipelines, sharding, training
+from jaxpeft.tree import ADAPTER_KEYS, combine, partition
 
 STRATEGIES = ("no", "steps", "epoch")
 TEXT_COLUMNS = ("text", "sentence", "content")
@@ -84,12 +85,16 @@ class PredictionOutput(NamedTuple):
 class TrainingArguments:
     """The settings of a run, named and defaulted as transformers' ``TrainingArguments`` where it has them.
 
-    One optimizer step takes ``per_device_train_batch_size * gradient_accumulation_steps`` examples (the batch is
-    split into ``gradient_accumulation_steps`` micro-batches run one after another). The last incomplete batch of
-    an epoch is dropped so every step has one shape. ``max_length`` truncates raw text when the Trainer tokenizes
-    it and caps the padded length; sequences are padded to a few bucketed lengths (16, 32, 64, ...), so a run
-    compiles a handful of shapes. ``bf16`` runs the forward and backward in bfloat16 while the adapter weights,
-    their gradients and the optimizer state stay float32. ``max_grad_norm=0`` turns clipping off.
+    One optimizer step takes ``per_device_train_batch_size * data-parallel devices * gradient_accumulation_steps``
+    examples (the batch is split into ``gradient_accumulation_steps`` micro-batches run one after another). ``mesh``
+    (``"data=4,fsdp=2"``, see ``jaxpeft.sharding``) shards the run over devices: the batch over ``data`` and
+    ``fsdp``, the parameters by their logical axes; by default a run uses every device for data parallelism. The
+    last incomplete batch of an epoch is dropped so every step has one shape. ``max_length`` truncates raw text when
+    the Trainer tokenizes it and caps the padded length; sequences are padded to a few bucketed lengths (16, 32, 64,
+    ...), so a run compiles a handful of shapes. ``bf16`` runs the forward and backward in bfloat16 while the
+    adapter weights, their gradients and the optimizer state stay float32. ``max_grad_norm=0`` turns clipping off. A
+    fresh ``train()`` into an ``output_dir`` whose ``checkpoints/`` holds an earlier run's checkpoints refuses to
+    start unless ``overwrite_output_dir`` (then they are deleted first).
 
     Example:
         >>> args = TrainingArguments("out", num_train_epochs=1, learning_rate=2e-4, eval_strategy="steps",
@@ -99,6 +104,7 @@ class TrainingArguments:
     """
 
     output_dir: str
+    overwrite_output_dir: bool = False
     num_train_epochs: float = 3.0
     max_steps: int = -1
     per_device_train_batch_size: int = 8
@@ -129,9 +135,11 @@ class TrainingArguments:
     max_length: int | None = None
     disable_tqdm: bool = False
     async_checkpointing: bool = True
+    mesh: str | dict | None = None
 
     def __post_init__(self):
         self.output_dir = os.fspath(self.output_dir)
+        sharding.parse_mesh(self.mesh)
         positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps", "save_steps")
         for name in positive:
@@ -169,7 +177,13 @@ class TrainingArguments:
     @property
     def train_batch_size(self) -> int:
         """Examples per optimizer step."""
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+        return self.per_device_train_batch_size * self.data_parallel_size * self.gradient_accumulation_steps
+
+    @property
+    def data_parallel_size(self) -> int:
+        """How many devices share each batch (the mesh's data x fsdp; 1 without a mesh)."""
+        mesh = run_mesh(self.mesh)
+        return 1 if mesh is None else sharding.data_parallel_size(mesh)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -232,8 +246,24 @@ def _prepare_dataset(dataset: Any, tokenizer: Any, task: str, max_length: int | 
     return data_lib.tokenize(examples, tokenizer, max_length=length, label2id=label2id, **columns)
 
 
-def _device_batch(batch: Mapping) -> dict:
+def run_mesh(mesh: Any) -> jax.sharding.Mesh | None:
+    """The mesh a run shards over: ``mesh`` as ``jaxpeft.sharding.mesh_from`` reads it, by default data parallel
+    over every device; None (no sharding) on a single device without a mesh."""
+    if mesh is None and jax.device_count() == 1:
+        return None
+    return sharding.mesh_from(mesh)
+
+
+def _device_batch(batch: Mapping, mesh: jax.sharding.Mesh | None = None) -> dict:
+    """A collated batch on the devices: whole, or this process's rows of a global batch sharded over ``mesh``."""
+    if mesh is not None:
+        return sharding.shard_batch({name: np.asarray(value) for name, value in batch.items()}, mesh)
     return {name: jnp.asarray(value) for name, value in batch.items()}
+
+
+def _local_rows(indices: Any) -> Any:
+    """The examples of a global batch that this process collates (all of them in a single-process run)."""
+    return indices[sharding.process_rows(len(indices))] if jax.process_count() > 1 else indices
 
 
 def _write_jsonl(path: pathlib.Path, record: Mapping) -> None:
@@ -320,7 +350,7 @@ class Trainer:
                  data_collator: Callable | None = None, compute_metrics: Callable | None = None,
                  processing_class: Any = None, tokenizer: Any = None, task: str | None = None,
                  label2id: Mapping[str, int] | None = None):
-        if not hasattr(model, "peft_config") or not hasattr(model, "trainable_mask"):
+        if not hasattr(model, "peft_config") or not hasattr(type(model), "trainable_mask"):
             raise TypeError(f"Trainer trains a jaxpeft.PeftModel (get_peft_model(model, config)), got "
                             f"{type(model).__name__}")
         if not isinstance(args, TrainingArguments):
@@ -410,6 +440,15 @@ class Trainer:
                              "from an earlier step would overwrite them: delete them, or resume from the latest")
         return restored
 
+    def _check_no_earlier_checkpoints(self) -> None:
+        """A fresh run would overwrite (and be mixed up with) an earlier run's checkpoints: refuse before any work,
+        unless ``overwrite_output_dir`` says to delete them."""
+        folder = self.output_dir / "checkpoints"
+        steps = sorted(int(path.name) for path in folder.iterdir() if path.name.isdigit()) if folder.is_dir() else []
+        if steps and not self.args.overwrite_output_dir:
+            raise ValueError(f"{folder} holds the checkpoints of an earlier run (steps {steps}); pass "
+                             "resume_from_checkpoint=True to go on, or overwrite_output_dir=True to start afresh")
+
     def _should(self, strategy: str, every: int, step: int, epoch_end: bool) -> bool:
         return (strategy == "steps" and step % every == 0) or (strategy == "epoch" and epoch_end)
 
@@ -426,28 +465,44 @@ class Trainer:
         args = self.args
         if self.train_dataset is None:
             raise ValueError("Trainer.train needs train_dataset=")
+        fresh = resume_from_checkpoint in (None, False)
+        if fresh:
+            self._check_no_earlier_checkpoints()
         features = self._features(self.train_dataset)
         if len(features) < args.train_batch_size:
             raise ValueError(f"the training set has {len(features)} examples, fewer than one batch of "
-                             f"{args.train_batch_size} (per_device_train_batch_size x gradient_accumulation_steps); "
-                             "lower the batch size")
+                             f"{args.train_batch_size} (per_device_train_batch_size x data-parallel devices x "
+                             "gradient_accumulation_steps); lower the batch size")
         steps_per_epoch = data_lib.num_batches(len(features), args.train_batch_size)
         total_steps = self._total_steps(steps_per_epoch)
         optimizer, schedule = self.create_optimizer(total_steps)
         mask = self.model.trainable_mask
-        frozen = partition(self.model.params, mask)[1]
-        state = training.init_train_state(self.model.params, mask, optimizer, seed=args.seed)
+        mesh = run_mesh(args.mesh)
+        params, step_options = self.model.params, {}
+        if mesh is not None:
+            params = sharding.shard_params(params, mesh, self.model.base_model.logical_axes())
+        frozen = partition(params, mask)[1]
+        state = training.init_train_state(params, mask, optimizer, seed=args.seed)
+        if mesh is not None:
+            trainable_shardings = partition(jax.tree_util.tree_map(lambda leaf: leaf.sharding, params), mask)[0]
+            state_shardings = sharding.state_shardings(state, trainable_shardings, optimizer, mesh)
+            state = sharding.shard_state(state, state_shardings)
+            step_options = {"state_sharding": state_shardings, "batch_sharding": sharding.batch_sharding(mesh)}
         train_step = training.make_train_step(
             training.peft_loss_fn(self.model, self.task), optimizer, frozen, schedule=schedule,
-            grad_accum_steps=args.gradient_accumulation_steps, compute_dtype="bfloat16" if args.bf16 else None)
+            grad_accum_steps=args.gradient_accumulation_steps, compute_dtype="bfloat16" if args.bf16 else None,
+            **step_options)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if fresh and args.overwrite_output_dir:
+            shutil.rmtree(self.output_dir / "checkpoints", ignore_errors=True)
         manager = self._checkpoints() if args.save_strategy != "no" or resume_from_checkpoint else None
         restored = self._resume(resume_from_checkpoint, manager, state) if manager is not None else None
         metrics_file = self.output_dir / "metrics.jsonl"
         if restored is not None:
             state = restored.state
             self.log_history = [r for r in _read_jsonl(metrics_file) if r.get("step", 0) <= restored.step]
-        _rewrite_jsonl(metrics_file, self.log_history)  # a fresh run starts the file anew
+        if jax.process_index() == 0:
+            _rewrite_jsonl(metrics_file, self.log_history)  # a fresh run starts the file anew
         step = int(state.step)
         last_saved = step if restored is not None else None
         window: list[dict] = []
@@ -455,20 +510,31 @@ class Trainer:
         examples_seen = tokens_seen = 0
         started = window_started = time.perf_counter()
         progress = tqdm(total=total_steps, initial=step, disable=args.disable_tqdm, desc="training", unit="step")
+        unchecked = None  # the last step's metrics and place, its is_finite not read yet
+        proceed: Any = True
+
+        def stop_if_not_finite(unchecked):
+            # After a bad step every later step was a no-op (proceed), so ``state`` holds the last good parameters.
+            metrics, number, epoch, batch_index = unchecked
+            if bool(metrics["is_finite"]):
+                return
+            self.state = state
+            self.model.params = training.full_params(state, frozen)
+            kept = f"the last checkpoint is step {last_saved}" if last_saved else "no checkpoint was saved"
+            raise TrainingStopped(
+                f"the loss is {float(metrics['loss'])} at step {number} (epoch {epoch}, batch {batch_index}); "
+                f"training stopped with the parameters of step {number - 1}, {kept}; lower learning_rate or check "
+                "that batch")
+
         try:
             while step < total_steps:
                 epoch, step_in_epoch = divmod(step, steps_per_epoch)
                 for indices in self._batch_indices(features, epoch, step_in_epoch):
-                    batch = self.data_collator([features[int(i)] for i in indices])
-                    state, metrics = train_step(state, _device_batch(batch))
-                    if not bool(metrics["is_finite"]):
-                        self.state = state
-                        self.model.params = training.full_params(state, frozen)
-                        kept = f"the last checkpoint is step {last_saved}" if last_saved else "no checkpoint was saved"
-                        raise TrainingStopped(
-                            f"the loss is {float(metrics['loss'])} at step {step + 1} (epoch {epoch}, batch "
-                            f"{step_in_epoch}); training stopped "
-                            f"with the parameters of step {step}, {kept}; lower learning_rate or check that batch")
+                    batch = self.data_collator([features[int(i)] for i in _local_rows(indices)])
+                    state, metrics = train_step(state, _device_batch(batch, mesh), proceed)
+                    if unchecked is not None:  # read the previous step's flag while this one runs
+                        stop_if_not_finite(unchecked)
+                    proceed, unchecked = metrics["is_finite"], (metrics, step + 1, epoch, step_in_epoch)
                     step += 1
                     step_in_epoch += 1
                     window.append(metrics)
@@ -476,7 +542,15 @@ class Trainer:
                     tokens_seen += int(np.sum(batch["attention_mask"])) if "attention_mask" in batch else 0
                     progress.update(1)
                     epoch_end = step_in_epoch == steps_per_epoch
-                    if step % args.logging_steps == 0 or step == total_steps:
+                    log = step % args.logging_steps == 0 or step == total_steps
+                    evaluate = self.eval_dataset is not None and self._should(args.eval_strategy, args.eval_steps,
+                                                                             step, epoch_end)
+                    save = manager is not None and (self._should(args.save_strategy, args.save_steps, step, epoch_end)
+                                                    or step == total_steps)
+                    if log or evaluate or save:
+                        stop_if_not_finite(unchecked)
+                        unchecked = None
+                    if log:
                         record = self._log_window(window, step, steps_per_epoch, examples_seen, tokens_seen,
                                                   time.perf_counter() - window_started)
                         losses.append(record["loss"])
@@ -485,12 +559,10 @@ class Trainer:
                         window, examples_seen, tokens_seen = [], 0, 0
                         window_started = time.perf_counter()
                     eval_metrics = None
-                    if self.eval_dataset is not None and self._should(args.eval_strategy, args.eval_steps, step,
-                                                                      epoch_end):
+                    if evaluate:
                         eval_metrics = self._evaluate_state(state, frozen, self.eval_dataset, "eval", step,
                                                             step / steps_per_epoch)
-                    if manager is not None and (self._should(args.save_strategy, args.save_steps, step, epoch_end)
-                                                or step == total_steps):
+                    if save:
                         manager.save(step, state, data_position={"epoch": step // steps_per_epoch,
                                                                  "step_in_epoch": step % steps_per_epoch},
                                      metrics=self._checkpoint_metrics(eval_metrics))
@@ -510,7 +582,8 @@ class Trainer:
             if manager is not None:
                 manager.wait_until_finished()
                 manager.close()
-            plot_history(self.log_history, self.output_dir / "training_curves.png")
+            if jax.process_index() == 0:
+                plot_history(self.log_history, self.output_dir / "training_curves.png")
         runtime = time.perf_counter() - started
         training_loss = float(np.mean(losses)) if losses else float("nan")
         summary = {"train_runtime": round(runtime, 4), "train_loss": training_loss, "epoch": step / steps_per_epoch,
@@ -525,7 +598,8 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         self.log_history.append(record)
-        _write_jsonl(self.output_dir / "metrics.jsonl", record)
+        if jax.process_index() == 0:  # one writer in a multi-process run
+            _write_jsonl(self.output_dir / "metrics.jsonl", record)
 
     def _log_window(self, window: list[dict], step: int, steps_per_epoch: int, examples: int, tokens: int,
                     seconds: float) -> dict:
@@ -547,75 +621,51 @@ class Trainer:
     # ----- evaluation -----
 
     def _eval_function(self):
-        if self._eval_fn is not None:
-            return self._eval_fn
-        task = self.task
-        apply_fn = self.model.apply_fn
-        accepted = self.model._runner()._accepted
-        compute_dtype = jnp.bfloat16 if self.args.bf16 else None
+        """The jitted ``(trainable, frozen, batch, weights) -> (sums, logits)``: ``training.peft_outputs_fn``, the
+        loss of training, without dropout."""
+        if self._eval_fn is None:
+            outputs = training.peft_outputs_fn(self.model, self.task)
+            compute_dtype = jnp.bfloat16 if self.args.bf16 else None
 
-        def outputs(trainable, frozen, batch, weights):
-            if compute_dtype is not None:
-                trainable = training._cast_floats(trainable, compute_dtype)
-                frozen = training._cast_floats(frozen, compute_dtype)
-            inputs = {name: value for name, value in batch.items() if name != "labels" and name in accepted}
-            if "deterministic" in accepted:
-                inputs["deterministic"] = True
-            out = apply_fn(combine(trainable, frozen), **inputs)
-            logits = (out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", out)).astype(jnp.float32)
-            labels = batch.get("labels")
-            if task == "seq_cls":
-                if logits.shape[-1] == 1:
-                    losses = (logits[:, 0] - labels.astype(jnp.float32)) ** 2
-                    correct = jnp.zeros_like(losses)
-                else:
-                    losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None].astype(jnp.int32),
-                                                  -1)[:, 0]
-                    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-                return {"loss_sum": jnp.sum(losses * weights), "count": jnp.sum(weights),
-                        "correct": jnp.sum(correct * weights)}, logits
-            if labels is None:
-                labels = jnp.where(batch["attention_mask"] == 0, training.IGNORE_INDEX, batch["input_ids"])
-            extra = logits.shape[1] - labels.shape[1]
-            logits = logits[:, extra:] if extra > 0 else logits  # virtual tokens of prompt tuning
-            if task == "causal_lm":
-                token_logits, token_labels = logits[:, :-1], labels[:, 1:]
-            else:
-                token_logits, token_labels = logits, labels
-            keep = (token_labels != training.IGNORE_INDEX) & (weights[:, None] > 0)
-            nll = -jnp.take_along_axis(jax.nn.log_softmax(token_logits),
-                                       jnp.where(keep, token_labels, 0)[..., None].astype(jnp.int32), -1)[..., 0]
-            return {"loss_sum": jnp.sum(jnp.where(keep, nll, 0.0)), "count": jnp.sum(keep).astype(jnp.float32),
-                    "correct": jnp.sum(keep & (jnp.argmax(token_logits, -1) == token_labels)).astype(jnp.float32)
-                    }, logits
+            def evaluate(trainable, frozen, batch, weights):
+                if compute_dtype is not None:
+                    trainable = training._cast_floats(trainable, compute_dtype)
+                    frozen = training._cast_floats(frozen, compute_dtype)
+                return outputs(combine(trainable, frozen), batch, None, weights)
 
-        self._eval_fn = jax.jit(outputs)
+            self._eval_fn = jax.jit(evaluate)
         return self._eval_fn
 
     def _run_eval(self, trainable: Any, frozen: Any, dataset: Any, keep_predictions: bool):
         features = self._features(dataset)
-        size = self.args.per_device_eval_batch_size
         evaluate = self._eval_function()
         sums = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
         predictions, labels = [], []
         labelled = any(key in features[0] for key in ("labels", "label")) or self.task == "causal_lm"
-        for start in range(0, len(features), size):
-            rows = [features[i] for i in range(start, min(start + size, len(features)))]
+        mesh = run_mesh(self.args.mesh)
+        size = self.args.per_device_eval_batch_size * (1 if mesh is None else sharding.data_parallel_size(mesh))
+        # one batch shape: the last batch is filled up with weight-0 copies
+        for filled in pipelines.filled_batches(features, size):
+            rows = filled.rows
             if not labelled:  # predictions only: placeholder labels that the collator accepts
                 rows = [{**row, "labels": 0 if self.task == "seq_cls" else [training.IGNORE_INDEX] *
                          len(row["input_ids"])} for row in rows]
-            real = len(rows)
-            rows += [rows[0]] * (size - real)  # one batch shape: the last batch is filled with weight-0 copies
             batch = self.data_collator(rows)
-            weights = np.zeros(size, np.float32)
-            weights[:real] = 1.0
-            batch_sums, logits = evaluate(trainable, frozen, _device_batch(batch), jnp.asarray(weights))
+            here = _local_rows(np.arange(size))  # this process's rows, when several share the batch
+            placed = _device_batch({name: np.asarray(value)[here]
+                                    for name, value in {**batch, "weights": filled.weights}.items()}, mesh)
+            weights = placed.pop("weights")
+            batch_sums, logits = evaluate(trainable, frozen, placed, weights)
             for name, value in jax.device_get(batch_sums).items():
                 sums[name] += float(value)
             if keep_predictions:
-                predictions.append(np.asarray(logits)[:real])
+                if not logits.is_fully_addressable:
+                    from jax.experimental import multihost_utils
+
+                    logits = multihost_utils.process_allgather(logits, tiled=True)
+                predictions.append(np.asarray(logits)[: filled.count])
                 if labelled:
-                    labels.append(np.asarray(batch["labels"])[:real])
+                    labels.append(np.asarray(batch["labels"])[: filled.count])
         return sums, predictions, labels
 
     def _gather(self, arrays: list[np.ndarray]) -> np.ndarray | None:
@@ -656,8 +706,9 @@ class Trainer:
         return metrics
 
     def _current(self):
-        mask = self.model.trainable_mask
-        return partition(self.model.params, mask)
+        if self.model.active_adapter is None:  # a PeftModel without adapters: the base model, all frozen
+            return partition(self.model.params, jax.tree_util.tree_map(lambda _: False, self.model.params))
+        return partition(self.model.params, self.model.trainable_mask)
 
     def evaluate(self, eval_dataset: Any = None, metric_key_prefix: str = "eval") -> dict:
         """Evaluates the model's current parameters; returns ``{"eval_loss": ..., ...}`` (see the class docstring
@@ -696,6 +747,21 @@ class Trainer:
         """Writes the model's adapters in the HF PEFT format (and the tokenizer, when the Trainer has one) to
         ``output_dir`` (default ``args.output_dir``)."""
         folder = os.fspath(output_dir if output_dir is not None else self.args.output_dir)
-        self.model.save_pretrained(folder)
+        if jax.process_count() > 1:  # every process gathers the adapters' sharded leaves; the first one writes
+            from jax.experimental import multihost_utils
+
+            params = self.model.params
+            self.model.params = jax.tree_util.tree_map_with_path(
+                lambda path, leaf: multihost_utils.process_allgather(leaf, tiled=True)
+                if any(key in ADAPTER_KEYS for key in training._path_keys(path)) else leaf, params)
+            try:
+                if jax.process_index() == 0:
+                    self.model.save_pretrained(folder)
+            finally:
+                self.model.params = params
+            if jax.process_index() != 0:
+                return
+        else:
+            self.model.save_pretrained(folder)
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(folder)

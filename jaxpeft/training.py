@@ -236,7 +236,8 @@ def _micro_batches(batch: Any, count: int) -> Any:
         if jnp.ndim(leaf) == 0 or leaf.shape[0] % count:
             raise ValueError(f"grad_accum_steps={count} must divide the batch's leading axis, got a leaf of shape "
                              f"{jnp.shape(leaf)}; use a batch size that is a multiple of {count}")
-        return leaf.reshape(count, leaf.shape[0] // count, *leaf.shape[1:])
+        # Micro-batch j takes rows j, j + count, ...: spread over the devices that share the batch's leading axis.
+        return jnp.swapaxes(leaf.reshape(leaf.shape[0] // count, count, *leaf.shape[1:]), 0, 1)
 
     return jax.tree_util.tree_map(split, batch)
 
@@ -255,8 +256,9 @@ def _compute_dtype(compute_dtype: Any):
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, frozen: Any, *,
                     schedule: optax.Schedule | None = None, grad_accum_steps: int = 1, compute_dtype: Any = None,
-                    donate: bool = True) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
-    """The jitted train step ``(state, batch) -> (state, metrics)``.
+                    donate: bool = True, state_sharding: Any = None,
+                    batch_sharding: Any = None) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+    """The jitted train step ``(state, batch, proceed=True) -> (state, metrics)``.
 
     Args:
         loss_fn: ``loss_fn(params, batch, rng) -> loss`` or ``-> (loss, aux)``, with ``params`` the whole variables
@@ -265,8 +267,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
         optimizer: e.g. the first half of ``make_optimizer``'s result; it sees the trainable subtree only.
         frozen: the frozen half of ``jaxpeft.partition`` (no gradient is ever computed for it).
         schedule: the learning-rate schedule, to report ``learning_rate`` in the metrics.
-        grad_accum_steps: splits the batch's leading axis into this many micro-batches, run one after another
-            (``lax.scan``: memory of one micro-batch) with their gradients averaged. That is the big batch's
+        grad_accum_steps: splits the batch's leading axis into this many micro-batches (micro-batch ``j`` takes
+            rows ``j, j + grad_accum_steps, ...``), run one after another (``lax.scan``: memory of one micro-batch)
+            with their gradients averaged. That is the big batch's
             gradient when the loss is a mean over examples of equal weight; a per-token mean (``causal_lm_loss``)
             then weighs each micro-batch's tokens by its own count.
         compute_dtype: e.g. ``"bfloat16"``: the frozen base is stored in that dtype (cast once, here) and the
@@ -274,12 +277,18 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
             the optimizer's update in float32. The model's own ``dtype`` decides the matmuls' precision: build it
             with ``dtype="bfloat16"`` for bf16 matmuls.
         donate: donate the state's buffers to the step (the state passed in is deleted; use the one returned).
+        state_sharding, batch_sharding: for a sharded step (``jaxpeft.sharding``): the state's shardings
+            (``sharding.state_shardings``) and the batch's (``sharding.batch_sharding``); the step is then jitted
+            with these as explicit input and output shardings, ``frozen`` keeps the shardings it has, and metrics
+            come back replicated.
 
     Metrics: ``step`` (the step this batch ran as), ``loss``, ``grad_norm`` (before clipping), ``learning_rate``
     (with ``schedule``), ``is_finite`` (loss and gradient norm finite) and the aux metrics, averaged over
     micro-batches. A step whose loss or gradients are not finite changes nothing: the state comes back as it was,
     so a loop can stop on ``not metrics["is_finite"]`` naming ``metrics["step"]`` and still save the last good
-    state.
+    state. ``proceed=False`` (a device bool) makes the step change nothing either, and its ``is_finite`` False:
+    pass the previous step's ``metrics["is_finite"]`` and check it after dispatching this step, so the loop never
+    waits for the device, yet nothing moves past the first bad step.
 
     Example:
         >>> import jax.numpy as jnp, optax
@@ -321,24 +330,35 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
         grads = jax.tree_util.tree_map(lambda g: g / grad_accum_steps, grads_sum)
         return losses.mean(), jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), aux), grads
 
-    def train_step(state: TrainState, frozen: Any, batch: Any):
+    def train_step(state: TrainState, frozen: Any, batch: Any, proceed: jax.Array):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         loss, aux, grads = gradients(state.trainable, frozen, batch, rng)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         new_state = state.replace(step=state.step + 1, trainable=optax.apply_updates(state.trainable, updates),
                                   opt_state=opt_state)
-        is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & proceed
         new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(is_finite, new, old), new_state, state)
         metrics = {**aux, "step": state.step, "loss": loss, "grad_norm": grad_norm, "is_finite": is_finite}
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         return new_state, metrics
 
-    jitted = jax.jit(train_step, donate_argnums=(0,) if donate else ())
+    donated = (0,) if donate else ()
+    if state_sharding is None and batch_sharding is None:
+        jitted = jax.jit(train_step, donate_argnums=donated)
+    else:
+        if state_sharding is None or batch_sharding is None:
+            raise ValueError("a sharded train step needs both state_sharding and batch_sharding (see "
+                             "jaxpeft.sharding.state_shardings and batch_sharding)")
+        whole = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+        frozen_sharding = jax.tree_util.tree_map(lambda leaf: getattr(leaf, "sharding", whole), frozen)
+        jitted = jax.jit(train_step, donate_argnums=donated,
+                         in_shardings=(state_sharding, frozen_sharding, batch_sharding, whole),
+                         out_shardings=(state_sharding, whole))
 
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
-        return jitted(state, frozen, batch)
+    def step(state: TrainState, batch: Any, proceed: Any = True) -> tuple[TrainState, dict]:
+        return jitted(state, frozen, batch, jnp.asarray(proceed, bool))
 
     return step
 
@@ -374,14 +394,65 @@ def make_eval_step(loss_fn: Callable, frozen: Any, *, compute_dtype: Any = None)
 # ----- losses -----
 
 
-def _masked_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int) -> jax.Array:
+def loss_sums(logits: jax.Array, labels: Any, task: str, weights: Any = None,
+              ignore_index: int = IGNORE_INDEX) -> dict[str, jax.Array]:
+    """The loss of a batch as sums that add up over batches: ``{"loss_sum", "count", "correct"}``, float32
+    scalars, with ``loss_sum / count`` the mean loss and ``correct / count`` the accuracy of the argmax.
+
+    ``task``: ``"causal_lm"`` sums the next-token cross-entropy (the logits at position t predict ``labels[t + 1]``,
+    as transformers) and ``"token_cls"`` the cross-entropy of every token, both over the labels that are not
+    ``ignore_index``; ``"seq_cls"`` sums the cross-entropy of every example (``(batch, classes)`` logits), or its
+    squared error for one output (regression, with ``correct`` 0). ``weights``, one per example, scale each
+    example's terms: weight-0 rows (the filler rows of a fixed-shape last batch) count for nothing.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> logits = jnp.log(jnp.array([[[0.25, 0.75], [0.5, 0.5], [1.0, 1.0]]]))
+        >>> sums = loss_sums(logits, [[0, 1, -100]], "causal_lm")  # only label 1 at position 1 counts: -log 0.75
+        >>> round(float(sums["loss_sum"]), 4), float(sums["count"]), float(sums["correct"])
+        (0.2877, 1.0, 1.0)
+        >>> sums = loss_sums(jnp.zeros((3, 4)), [0, 1, 2], "seq_cls", weights=[1, 1, 0])  # the third is filler
+        >>> round(float(sums["loss_sum"]), 4), float(sums["count"])  # 2 log 4
+        (2.7726, 2.0)
+    """
+    if task not in TASKS:
+        raise ValueError(f"no loss for task {task!r}; use one of {sorted(TASKS)}")
+    logits = jnp.asarray(logits).astype(jnp.float32)
     labels = jnp.asarray(labels)
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {logits.shape} and labels {labels.shape} do not match: labels need the shape of "
-                         "the logits without their last axis")
-    keep = labels != ignore_index
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(keep, labels, 0))
-    return jnp.sum(jnp.where(keep, losses, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+    if task == "seq_cls":
+        if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+            raise ValueError(f"a classification loss needs logits (batch, classes) and labels (batch,), got "
+                             f"{logits.shape} and {labels.shape}")
+        keep = jnp.ones(labels.shape, bool)
+        if logits.shape[1] == 1:
+            losses = (logits[:, 0] - labels.astype(jnp.float32)) ** 2
+            correct = jnp.zeros(labels.shape, bool)
+        else:
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            correct = jnp.argmax(logits, -1) == labels
+    else:
+        if task == "causal_lm":
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        if logits.shape[:-1] != labels.shape:
+            raise ValueError(f"logits {logits.shape} and labels {labels.shape} do not match: labels need the shape "
+                             "of the logits without their last axis")
+        keep = labels != ignore_index
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, labels, 0))
+        correct = keep & (jnp.argmax(logits, -1) == labels)
+    weight = keep.astype(jnp.float32)
+    if weights is not None:
+        weights = jnp.asarray(weights, jnp.float32)
+        if weights.shape != labels.shape[:1]:
+            raise ValueError(f"weights must have one value per example, shape {labels.shape[:1]}, got "
+                             f"{weights.shape}")
+        weight = weight * weights.reshape(weights.shape + (1,) * (keep.ndim - 1))
+    counted = weight > 0  # weight-0 terms are left out: a NaN or inf there cannot spread
+    return {"loss_sum": jnp.sum(jnp.where(counted, losses * weight, 0.0)), "count": jnp.sum(weight),
+            "correct": jnp.sum(jnp.where(counted & correct, weight, 0.0))}
+
+
+def _mean(sums: Mapping[str, jax.Array], name: str = "loss_sum") -> jax.Array:
+    return sums[name] / jnp.maximum(sums["count"], 1.0)
 
 
 def causal_lm_loss(logits: jax.Array, labels: Any, ignore_index: int = IGNORE_INDEX) -> jax.Array:
@@ -394,7 +465,7 @@ def causal_lm_loss(logits: jax.Array, labels: Any, ignore_index: int = IGNORE_IN
         >>> round(float(causal_lm_loss(logits, [[0, 1, -100]])), 4)  # only label 1 at position 1 counts
         0.6931
     """
-    return _masked_cross_entropy(logits[:, :-1], jnp.asarray(labels)[:, 1:], ignore_index)
+    return _mean(loss_sums(logits, labels, "causal_lm", ignore_index=ignore_index))
 
 
 def token_classification_loss(logits: jax.Array, labels: Any, ignore_index: int = IGNORE_INDEX) -> jax.Array:
@@ -405,7 +476,7 @@ def token_classification_loss(logits: jax.Array, labels: Any, ignore_index: int 
         >>> round(float(token_classification_loss(jnp.zeros((1, 2, 4)), [[3, -100]])), 4)  # log 4
         1.3863
     """
-    return _masked_cross_entropy(logits, labels, ignore_index)
+    return _mean(loss_sums(logits, labels, "token_cls", ignore_index=ignore_index))
 
 
 def classification_loss(logits: jax.Array, labels: Any) -> jax.Array:
@@ -417,14 +488,7 @@ def classification_loss(logits: jax.Array, labels: Any) -> jax.Array:
         >>> round(float(classification_loss(jnp.zeros((2, 3)), [0, 2])), 4)  # log 3
         1.0986
     """
-    labels = jnp.asarray(labels)
-    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"classification_loss needs logits (batch, classes) and labels (batch,), got {logits.shape} "
-                         f"and {labels.shape}")
-    logits = logits.astype(jnp.float32)
-    if logits.shape[1] == 1:
-        return jnp.mean((logits[:, 0] - labels.astype(jnp.float32)) ** 2)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return _mean(loss_sums(logits, labels, "seq_cls"))
 
 
 TASKS = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS"}
@@ -440,14 +504,65 @@ def _task_of(peft_model, task: str | None) -> str:
     return task
 
 
+def peft_outputs_fn(peft_model, task: str | None = None, ignore_index: int = IGNORE_INDEX) -> Callable:
+    """``outputs(params, batch, rng, weights=None) -> (sums, logits)``: runs a PeftModel's active adapter (the base
+    model when it has none) on a batch and scores it with ``loss_sums``: the loss of training and evaluation alike.
+
+    ``batch`` is a dict of the model's inputs (``input_ids``, ``attention_mask``, ``token_type_ids``, ...) plus
+    ``labels``; for ``"causal_lm"`` a batch without labels scores its ``input_ids`` (padding, attention mask 0,
+    ignored). ``task`` (``"causal_lm"``, ``"seq_cls"``, ``"token_cls"`` or HF's ``"CAUSAL_LM"``, ...) defaults to
+    the model's head. Dropout runs when ``rng`` is a key. When the logits carry virtual tokens (prompt tuning) the
+    labels are extended as ``jaxpeft.extend_labels`` does, and the returned float32 ``logits`` are those of the
+    batch's own positions.
+
+    Example:
+        >>> import jax, transformers, jaxpeft
+        >>> from jaxpeft.models import AutoModelForSequenceClassification
+        >>> base = AutoModelForSequenceClassification.from_config(transformers.BertConfig(vocab_size=20,
+        ...     hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+        >>> model = jaxpeft.get_peft_model(base, jaxpeft.PromptTuningConfig(num_virtual_tokens=2))
+        >>> outputs = peft_outputs_fn(model)
+        >>> batch = {"input_ids": jax.numpy.array([[1, 5, 2], [1, 6, 2]]), "labels": jax.numpy.array([0, 1])}
+        >>> sums, logits = outputs(model.params, batch, None, weights=jax.numpy.array([1.0, 0.0]))
+        >>> float(sums["count"]), logits.shape
+        (1.0, (2, 2))
+    """
+    task = _task_of(peft_model, task)
+    apply_fn = peft_model.apply_fn
+    accepted = set(inspect.signature(type(peft_model.base_model.module).__call__).parameters) - {"self"}
+
+    def outputs(params: Any, batch: Mapping, rng: jax.Array | None, weights: Any = None):
+        inputs = {name: value for name, value in batch.items() if name != "labels"}
+        unknown = sorted(set(inputs) - accepted)
+        if unknown:
+            raise ValueError(f"the batch has {unknown}, which the model does not take; it takes "
+                             f"{sorted(accepted - {'deterministic'})} and 'labels'")
+        if "deterministic" in accepted:
+            inputs["deterministic"] = rng is None
+        out = apply_fn(params, **inputs, rngs=None if rng is None else {"dropout": rng})
+        logits = (out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", out)).astype(jnp.float32)
+        labels = batch.get("labels")
+        if labels is None:
+            if task != "causal_lm":
+                raise ValueError(f"the batch needs 'labels' for the {task} loss")
+            labels = batch["input_ids"]
+            if batch.get("attention_mask") is not None:
+                labels = jnp.where(jnp.asarray(batch["attention_mask"]) == 0, ignore_index, labels)
+        labels = jnp.asarray(labels)
+        extra = logits.shape[1] - labels.shape[1] if task != "seq_cls" else 0
+        if extra > 0:  # virtual tokens in front (prompt tuning)
+            labels = jnp.concatenate([jnp.full((labels.shape[0], extra), ignore_index, labels.dtype), labels], 1)
+        sums = loss_sums(logits, labels, task, weights, ignore_index)
+        return sums, logits[:, extra:] if extra > 0 else logits
+
+    return outputs
+
+
 def peft_loss_fn(peft_model, task: str | None = None, ignore_index: int = IGNORE_INDEX) -> Callable:
     """A ``loss_fn(params, batch, rng)`` for ``make_train_step`` that runs a PeftModel's active adapter.
 
-    ``batch`` is a dict of the model's inputs (``input_ids``, ``attention_mask``, ``token_type_ids``, ...) plus
-    ``labels``; for ``"causal_lm"`` a batch without labels learns its ``input_ids`` (padding, attention mask 0,
-    ignored). ``task`` (``"causal_lm"``, ``"seq_cls"``, ``"token_cls"`` or HF's ``"CAUSAL_LM"``, ...) defaults to
-    the model's head. Dropout runs when ``rng`` is a key. Labels are extended as ``jaxpeft.extend_labels`` does
-    when the logits carry virtual tokens (prompt tuning). For ``"seq_cls"`` the aux metric ``accuracy`` is
+    The batch, ``task`` and dropout are as for ``peft_outputs_fn``; the loss is its ``loss_sum / count``: the mean
+    over the examples (``"seq_cls"``) or over the labelled tokens. For ``"seq_cls"`` the aux metric ``accuracy`` is
     returned too.
 
     Example:
@@ -461,36 +576,12 @@ def peft_loss_fn(peft_model, task: str | None = None, ignore_index: int = IGNORE
         True
     """
     task = _task_of(peft_model, task)
-    apply_fn = peft_model.apply_fn
-    accepted = set(inspect.signature(type(peft_model.base_model.module).__call__).parameters) - {"self"}
+    outputs = peft_outputs_fn(peft_model, task, ignore_index)
 
     def loss_fn(params: Any, batch: Mapping, rng: jax.Array | None):
-        inputs = {name: value for name, value in batch.items() if name != "labels"}
-        unknown = sorted(set(inputs) - accepted)
-        if unknown:
-            raise ValueError(f"the batch has {unknown}, which the model does not take; it takes "
-                             f"{sorted(accepted - {'deterministic'})} and 'labels'")
-        if "deterministic" in accepted:
-            inputs["deterministic"] = rng is None
-        out = apply_fn(params, **inputs, rngs=None if rng is None else {"dropout": rng})
-        logits = out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", out)
+        sums, _ = outputs(params, batch, rng)
         if task == "seq_cls":
-            labels = batch["labels"]
-            accuracy = jnp.mean(jnp.argmax(logits, -1) == labels) if logits.shape[-1] > 1 else jnp.float32(0)
-            return classification_loss(logits, labels), {"accuracy": accuracy}
-        labels = batch.get("labels")
-        if labels is None:
-            if task != "causal_lm":
-                raise ValueError("the batch needs 'labels' for token classification")
-            labels = batch["input_ids"]
-            if batch.get("attention_mask") is not None:
-                labels = jnp.where(jnp.asarray(batch["attention_mask"]) == 0, ignore_index, labels)
-        labels = jnp.asarray(labels)
-        extra = logits.shape[1] - labels.shape[1]
-        if extra > 0:  # virtual tokens in front (prompt tuning), as jaxpeft.extend_labels
-            labels = jnp.concatenate([jnp.full((labels.shape[0], extra), ignore_index, labels.dtype), labels], 1)
-        if task == "causal_lm":
-            return causal_lm_loss(logits, labels, ignore_index)
-        return token_classification_loss(logits, labels, ignore_index)
+            return _mean(sums), {"accuracy": _mean(sums, "correct")}
+        return _mean(sums)
 
     return loss_fn

@@ -20,12 +20,20 @@ SAVED_MODULES_KEY = "modules_to_save"
 # Methods register theirs (``register_adapter_keys``); ``constant`` keys hold fixed values that are not parameters.
 ADAPTER_KEYS: set[str] = {SAVED_MODULES_KEY}
 CONSTANT_KEYS: set[str] = set()
+# How each leaf's axes relate to the adapted layer's weight, for sharding (``jaxpeft.sharding``): a tuple of
+# ``"stack"`` (the layer's stacking axes), ``"in"`` / ``"out"`` (the weight's input / output axes), ``None`` (an
+# axis of the adapter's own, e.g. LoRA's rank, never sharded), or one of ``"kernel"`` / ``"bias"`` alone (the axes
+# of the layer's kernel / bias, one for one, size-1 axes not sharded). Keys without a layout are replicated.
+LEAF_LAYOUTS: dict[str, tuple[str | None, ...]] = {}
 
 
-def register_adapter_keys(trainable: tuple[str, ...], constant: tuple[str, ...] = ()) -> None:
-    """Declares the leaf keys a method stores in a layer's parameters (called once by each method module)."""
+def register_adapter_keys(trainable: tuple[str, ...], constant: tuple[str, ...] = (),
+                          layouts: dict[str, tuple[str | None, ...]] | None = None) -> None:
+    """Declares the leaf keys a method stores in a layer's parameters, and their layouts (see ``LEAF_LAYOUTS``);
+    called once by each method module."""
     ADAPTER_KEYS.update(trainable, constant)
     CONSTANT_KEYS.update(constant)
+    LEAF_LAYOUTS.update(layouts or {})
 
 
 def _is_none(x) -> bool:

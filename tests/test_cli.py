@@ -226,6 +226,31 @@ def test_causal_lm_eval_and_generate_match_torch_peft(gpt2_adapter, assets, toke
         assert result["generated_text"] == expected
 
 
+def test_eval_without_an_adapter_is_the_base_model(assets, tokenizer, capsys):
+    reference = transformers.GPT2LMHeadModel.from_pretrained(assets / "gpt2").eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for line in (assets / "lines.csv").read_text().splitlines()[1:]:
+            ids = torch.tensor([tokenizer(line)["input_ids"]])
+            total += reference(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    status, out, err = run_cli(capsys, "eval", "--model", assets / "gpt2", "--task", "causal_lm", "--data",
+                               assets / "lines.csv")
+    assert status == 0, err
+    assert json.loads(out)["loss"] == pytest.approx(total / count, abs=1e-4)
+
+
+def test_train_overwrite_starts_afresh(assets, bert_run, tmp_path, capsys):  # bert_run writes bert.yaml
+    common = ["train", "--config", assets / "bert.yaml", "--output-dir", tmp_path, "--no-progress"]
+    status, _, err = run_cli(capsys, *common)
+    assert status == 0, err
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+    status, out, err = run_cli(capsys, *common, "--overwrite", "--max-steps", 1)
+    assert status == 0, err
+    assert json.loads(out)["global_step"] == 1
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]  # the earlier run's step 2 is gone
+
+
 def test_merge_refuses_adapters_that_are_not_weight_changes(assets, capsys):
     base = AutoModelForCausalLM.from_pretrained(assets / "gpt2")
     jaxpeft.get_peft_model(base, jaxpeft.PromptTuningConfig(num_virtual_tokens=2)).save_pretrained(assets / "prompt")
@@ -273,6 +298,11 @@ def test_bad_files_and_options_are_one_line_errors(assets, bert_run, tmp_path, c
         (["export", "--run", bert_run, "--step", 1, "--best", "--output", tmp_path / "x"], "not both"),
         (["generate", "--run", bert_run, "--prompt", "hi"], "needs a causal_lm model, but the adapter is for seq_cls"),
         (["eval", "--run", bert_run, "--data", tmp_path], "is a folder"),
+        (common + ["--method", "lora", "--train-file", assets / "reviews.jsonl", "--mesh", "data=2,model=4",
+                   "--text-column", "review", "--label-column", "sentiment"],
+         "mesh axes ['model'] are unknown; use ['data', 'fsdp', 'tensor']"),
+        (common + ["--method", "lora", "--train-file", assets / "reviews.jsonl", "--coordinator-address",
+                   "127.0.0.1:1234"], "['num_processes', 'process_id'] missing"),
     ]
     for argv, message in cases:
         status, out, err = run_cli(capsys, *argv)

@@ -11,7 +11,8 @@ MODULES = ["jaxpeft.core", "jaxpeft.tree", "jaxpeft.methods.lora", "jaxpeft.peft
            "jaxpeft.methods.prefix_tuning", "jaxpeft.methods.prompt_tuning",
            "jaxpeft.methods.bottleneck", "jaxpeft.hf_format", "jaxpeft.config", "jaxpeft.data",
            "jaxpeft.training", "jaxpeft.trainer",
-           "jaxpeft.pipelines", "jaxpeft.evaluation", "jaxpeft.checkpoints", "jaxpeft.cli"]
+           "jaxpeft.pipelines", "jaxpeft.evaluation", "jaxpeft.checkpoints", "jaxpeft.cli", "jaxpeft.assets",
+           "jaxpeft.demo", "jaxpeft.sharding"]
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 

@@ -119,6 +119,7 @@ def test_perplexity_matches_torch_loss(gpt2):
     parts = [_torch_nll_and_count(torch_model, tokenizer(text)["input_ids"]) for text in TEXTS]
     expected = math.exp(sum(n for n, _ in parts) / sum(c for _, c in parts))
     assert perplexity(model, TEXTS, batch_size=2) == pytest.approx(expected, rel=1e-5)  # tokenizer from the folder
+    assert perplexity(model, TEXTS, batch_size=4) == pytest.approx(expected, rel=1e-5)  # a filler row, weight 0
 
     # tokenized batches as a collator makes them: right padding masked out
     collator = jaxpeft.data.CausalLMCollator(tokenizer)

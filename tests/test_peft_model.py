@@ -173,8 +173,9 @@ def test_ia3_defaults_match_torch_peft(family, tmp_path):
     model = jaxpeft.get_peft_model(auto_class.from_pretrained(tmp_path), jaxpeft.IA3Config(task_type=task))
     assert _printed(model.print_trainable_parameters) == _printed(torch_model.print_trainable_parameters)
     base = auto_class.from_pretrained(tmp_path)
-    np.testing.assert_array_equal(model(input_ids=IDS, attention_mask=MASK).logits,
-                                  base(input_ids=IDS, attention_mask=MASK).logits)
+    # IA3 starts at ones: the identity, up to XLA fusing the adapted graph differently (float32 rounding)
+    np.testing.assert_allclose(model(input_ids=IDS, attention_mask=MASK).logits,
+                               base(input_ids=IDS, attention_mask=MASK).logits, rtol=0, atol=1e-6)
 
 
 def test_bitfit_trains_every_bias(gpt2):

@@ -6,6 +6,8 @@ run on the same texts: labels, entities and generated token ids must be equal, s
 
 import copy
 import importlib.util
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -220,6 +222,28 @@ def test_tokenizer_comes_from_the_model_folder(classifier_folder, classifier):
     config.vocab_size = 1000  # a model whose vocabulary the MiniLM tokenizer does not fit
     with pytest.raises(PipelineError, match="token id 2293, outside the model's vocabulary of 1000"):
         pipeline("text-classification", fresh, classifier_folder[1])("I love it")
+
+
+def test_tokenizer_comes_from_the_adapter_folder(classifier, tokenizer, tmp_path):
+    config = copy.deepcopy(classifier.config)
+    config._name_or_path = ""  # a base model without a folder
+    fresh = PretrainedModel(classifier.module, classifier.params, config, classifier.family, classifier.head)
+    peft_model = jaxpeft.get_peft_model(fresh, jaxpeft.LoraConfig(r=2))
+    peft_model.save_pretrained(tmp_path)
+    with pytest.raises(PipelineError, match="the model has no folder"):
+        pipeline("text-classification", peft_model)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = jaxpeft.PeftModel.from_pretrained(fresh, str(tmp_path))  # remembers the folder of its adapter
+    found = pipeline("text-classification", loaded)
+    assert found.tokenizer.name_or_path == str(tmp_path)
+    assert found(TEXTS[:2]) == pipeline("text-classification", peft_model, tokenizer)(TEXTS[:2])
+
+
+def test_import_jaxpeft_leaves_transformers_unimported():
+    code = "import sys, jaxpeft; print('transformers' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 def test_clear_errors(classifier, tokenizer):

@@ -245,6 +245,55 @@ def test_causal_lm_training_in_bf16_keeps_float32_adapters_and_reports_perplexit
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(trainable)} == {np.dtype("float32")}
 
 
+def test_evaluation_fills_the_last_batch_without_counting_it(bert_base, tmp_path):
+    test = sentiment_data(5, seed=2)  # batches of 4: the second holds one example and three weight-0 copies
+    args = TrainingArguments(tmp_path, per_device_eval_batch_size=4, disable_tqdm=True)
+    plain = jaxpeft.PeftModel(bert_base, None)  # no adapter: the base model
+    metrics = Trainer(model=plain, args=args).evaluate(test)
+    assert metrics["eval_loss"] == pytest.approx(reference_eval_loss(bert_base, test), rel=1e-5)
+    right = [int(np.argmax(bert_base(input_ids=[e["input_ids"]]).logits[0])) == e["labels"] for e in test]
+    assert metrics["eval_accuracy"] == pytest.approx(np.mean(right))
+
+
+def test_causal_lm_evaluation_of_prompt_tuning_scores_every_token_by_hand(tmp_path):
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0, initializer_range=0.2)
+    base = AutoModelForCausalLM.from_config(config, seed=0)
+    model = jaxpeft.get_peft_model(base, jaxpeft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+    texts = [{"input_ids": [1, 2, 3, 4, 5, 6, 7][: 3 + i]} for i in range(3)]
+    total, count = 0.0, 0
+    for text in texts:  # as HF PEFT: the labels get -100 in front, so the last virtual position scores token 0
+        logits = np.asarray(model(input_ids=[text["input_ids"]]).logits[0], np.float64)
+        log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        total -= sum(log_probs[1 + t, token] for t, token in enumerate(text["input_ids"]))
+        count += len(text["input_ids"])
+    args = TrainingArguments(tmp_path, per_device_eval_batch_size=2, disable_tqdm=True)
+    metrics = Trainer(model=model, args=args).evaluate(texts)
+    assert metrics["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_a_fresh_run_into_a_folder_with_checkpoints_refuses_unless_told_to_overwrite(bert_base, tmp_path):
+    data = sentiment_data(16)
+
+    def trainer(max_steps, **options):
+        args = TrainingArguments(tmp_path, max_steps=max_steps, save_steps=1, async_checkpointing=False,
+                                 disable_tqdm=True, **options)
+        return Trainer(model=lora_model(bert_base), args=args, train_dataset=data)
+
+    trainer(2).train()
+    second = trainer(1)
+    second.data_collator = counted = StopAfter(second.data_collator, 100)
+    with pytest.raises(ValueError) as error:
+        second.train()
+    assert str(error.value) == (f"{tmp_path / 'checkpoints'} holds the checkpoints of an earlier run (steps [1, 2]); "
+                                "pass resume_from_checkpoint=True to go on, or overwrite_output_dir=True to start "
+                                "afresh")
+    assert counted.calls == 0  # refused before any work
+    afresh = trainer(1, overwrite_output_dir=True)
+    assert afresh.train().global_step == 1
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["1"]  # step 2 of the old run: gone
+
+
 @pytest.mark.parametrize("options, message", [
     ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be an int >= 1"),
     ({"eval_strategy": "sometimes"}, "eval_strategy='sometimes'"),

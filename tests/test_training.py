@@ -261,6 +261,18 @@ def test_non_finite_loss_is_flagged_and_changes_nothing():
     np.testing.assert_array_equal(state.trainable["lora"], kept)
 
 
+def test_a_step_told_not_to_proceed_changes_nothing_so_the_flag_can_be_read_later():
+    state, step = quadratic_setup()
+    state, bad = step(state, jnp.array([0.0, jnp.nan, 0.0]))
+    kept = np.array(state.trainable["lora"])
+    state, after = step(state, jnp.zeros(3), bad["is_finite"])  # dispatched before anyone read bad's flag
+    assert not bool(bad["is_finite"]) and not bool(after["is_finite"]) and bool(jnp.isfinite(after["loss"]))
+    assert int(state.step) == 0
+    np.testing.assert_array_equal(state.trainable["lora"], kept)
+    state, good = step(state, jnp.zeros(3), True)
+    assert bool(good["is_finite"]) and int(state.step) == 1
+
+
 def test_donation_deletes_the_old_state_only_when_asked():
     for donate in (True, False):
         state, step = quadratic_setup(donate)
@@ -337,3 +349,57 @@ def test_prompt_tuning_loss_extends_the_labels():
     want = torch.nn.functional.cross_entropy(torch.tensor(logits[:, :-1]).reshape(-1, 64),
                                              torch.tensor(labels[:, 1:]).reshape(-1), ignore_index=-100)
     np.testing.assert_allclose(loss, want.item(), rtol=1e-5)
+
+
+def test_loss_sums_weigh_out_filler_rows_as_torch_sums():
+    rng = np.random.default_rng(2)
+    weights = np.array([1.0, 1.0, 0.0])  # the third row is a filler copy
+    logits = rng.normal(size=(3, 5, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, (3, 5))
+    labels[1, :2] = -100
+    for task, kept_logits, kept_labels in (("causal_lm", logits[:2, :-1], labels[:2, 1:]),
+                                           ("token_cls", logits[:2], labels[:2])):
+        sums = training.loss_sums(jnp.asarray(logits), labels, task, weights=weights)
+        kept_labels = torch.tensor(kept_labels).reshape(-1)
+        want = torch.nn.functional.cross_entropy(torch.tensor(kept_logits).reshape(-1, 7), kept_labels,
+                                                 ignore_index=-100, reduction="sum")
+        scored = kept_labels != -100
+        right = (torch.tensor(kept_logits).reshape(-1, 7).argmax(-1) == kept_labels) & scored
+        np.testing.assert_allclose(sums["loss_sum"], want.item(), rtol=1e-5)
+        assert float(sums["count"]) == int(scored.sum()) and float(sums["correct"]) == int(right.sum())
+
+    class_logits, classes = rng.normal(size=(3, 4)).astype(np.float32), np.array([0, 3, 1])
+    class_logits[2] = np.nan  # a weight-0 row cannot spoil the sums
+    sums = training.loss_sums(jnp.asarray(class_logits), classes, "seq_cls", weights=weights)
+    want = torch.nn.functional.cross_entropy(torch.tensor(class_logits[:2]), torch.tensor(classes[:2]),
+                                             reduction="sum")
+    np.testing.assert_allclose(sums["loss_sum"], want.item(), rtol=1e-5)
+    assert float(sums["count"]) == 2 and float(sums["correct"]) == np.sum(class_logits[:2].argmax(-1) == classes[:2])
+
+    targets = np.array([0.5, -1.0, 3.0], np.float32)  # one output: regression, squared error
+    sums = training.loss_sums(jnp.asarray(class_logits[:, :1]), targets, "seq_cls", weights=weights)
+    want = torch.nn.functional.mse_loss(torch.tensor(class_logits[:2, 0]), torch.tensor(targets[:2]), reduction="sum")
+    np.testing.assert_allclose(sums["loss_sum"], want.item(), rtol=1e-5)
+    assert float(sums["correct"]) == 0
+
+    with pytest.raises(ValueError, match="one value per example"):
+        training.loss_sums(jnp.asarray(logits), labels, "token_cls", weights=np.ones(2))
+    with pytest.raises(ValueError, match="no loss for task 'regression'"):
+        training.loss_sums(jnp.asarray(logits), labels, "regression")
+
+
+def test_peft_outputs_fn_scores_the_batch_as_the_loss_and_drops_virtual_positions():
+    base = AutoModelForCausalLM.from_config(gpt2_config(dropout=0.0), seed=0)
+    model = jaxpeft.get_peft_model(base, jaxpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    batch = {**token_batch(size=3, length=5), "labels": token_batch(size=3, length=5, seed=1)["input_ids"]}
+    sums, logits = training.peft_outputs_fn(model)(model.params, batch, None, weights=jnp.array([1.0, 1.0, 0.0]))
+    full = np.asarray(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+    np.testing.assert_allclose(logits, full[:, 3:], atol=1e-5)  # the batch's own positions
+    labels = np.asarray(jaxpeft.extend_labels(batch["labels"], 3)).astype(np.int64)[:2]
+    want = torch.nn.functional.cross_entropy(torch.tensor(full[:2, :-1]).reshape(-1, 64),
+                                             torch.tensor(labels[:, 1:]).reshape(-1), ignore_index=-100,
+                                             reduction="sum")
+    np.testing.assert_allclose(sums["loss_sum"], want.item(), rtol=1e-5)
+    assert float(sums["count"]) == 2 * 5  # the last virtual position scores the first token, as HF PEFT
+    with pytest.raises(ValueError, match="needs 'labels' for the seq_cls loss"):
+        training.peft_outputs_fn(model, "seq_cls")(model.params, token_batch(size=1), None)

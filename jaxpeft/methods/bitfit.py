@@ -231,4 +231,5 @@ class _BitFitMethod:
 
 METHOD = _BitFitMethod()
 register_method(BitFitConfig.peft_type, METHOD)
-register_adapter_keys(("bitfit_bias",), constant=("bitfit_active",))
+register_adapter_keys(("bitfit_bias",), constant=("bitfit_active",),
+                      layouts={"bitfit_bias": ("bias",), "bitfit_active": ("stack",)})

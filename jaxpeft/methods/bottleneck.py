@@ -479,4 +479,6 @@ class _BottleneckMethod:
 
 METHOD = _BottleneckMethod()
 register_method(AdapterConfig.peft_type, METHOD)
-register_adapter_keys(TRAINABLE_KEYS, constant=(SCALING_KEY,))
+register_adapter_keys(TRAINABLE_KEYS, constant=(SCALING_KEY,), layouts={
+    "adapter_down_kernel": ("stack", "out", None), "adapter_down_bias": ("stack", None),
+    "adapter_up_kernel": ("stack", None, "out"), "adapter_up_bias": ("stack", "out"), SCALING_KEY: ("stack",)})

@@ -297,4 +297,4 @@ class _IA3Method:
 
 METHOD = _IA3Method()
 register_method(IA3Config.peft_type, METHOD)
-register_adapter_keys(("ia3_l",), constant=("ia3_active",))
+register_adapter_keys(("ia3_l",), constant=("ia3_active",), layouts={"ia3_l": ("kernel",), "ia3_active": ("stack",)})

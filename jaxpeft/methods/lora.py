@@ -467,4 +467,6 @@ class _LoraMethod:
 
 METHOD = _LoraMethod()
 register_method(LoraConfig.peft_type, METHOD)
-register_adapter_keys(("lora_A", "lora_B", MAGNITUDE), constant=("lora_scaling",))
+register_adapter_keys(("lora_A", "lora_B", MAGNITUDE), constant=("lora_scaling",),
+                      layouts={"lora_A": ("stack", "in", None), "lora_B": ("stack", None, "out"),
+                               "lora_scaling": ("stack",), MAGNITUDE: ("stack", "out")})
