@@ -56,6 +56,9 @@ class Method(Protocol):
     #   call(config, adapter_name, apply_fn, variables, args, kwargs, dropout) -> output: for methods that change
     #       the call itself (prompt and prefix tuning keep their leaves at the top of ``params``, path ``()``, and
     #       pass virtual tokens or key/values to the model); used instead of ``interceptor``.
+    #   mixed_interceptor(configs, index, names, dropout) -> adapt(next_fun, args, kwargs, context, here): for a
+    #       mixed batch, one pass through a layer that holds several of the method's adapters (``here``); returns
+    #       ``None`` where the general path (each adapter on the whole batch, then a selection per row) must run.
 
 
 _METHODS: dict[str, Method] = {}
@@ -173,8 +176,9 @@ class AdapterMix:
     """Which adapter each example of a batch runs (HF PEFT's mixed-adapter batches), as one jittable value.
 
     Row ``i`` runs adapter ``names[index[i]]``; the name ``"__base__"`` runs the plain base model. Pass it as
-    ``adapter_name=`` to a rewritten apply: the whole batch is computed in one call (each adapted layer computes
-    the outputs of the adapters present in the batch and every row takes its own). ``names`` is static (a new set
+    ``adapter_name=`` to a rewritten apply: the whole batch is computed in one call. A layer that holds only LoRA
+    adapters runs once, each row adding its own adapter's update (eight adapters cost about what one does); other
+    layers compute the output of each adapter present and every row takes its own. ``names`` is static (a new set
     of names traces again, their order does not), ``index`` is an ordinary array.
 
     Example:
@@ -229,6 +233,12 @@ def _mixed_apply(apply_fn: Callable, configs: dict[str, PeftConfig], variables: 
     dropout = _dropout_requested(kwargs)
     single = {name: method_for(configs[name]).interceptor(configs[name], name, dropout)
               for name in mix.names if name != BASE}
+    one_pass = []  # (names, adapt): one pass through a layer for several adapters of one method
+    for method in {id(method_for(configs[n])): method_for(configs[n]) for n in single}.values():
+        if hasattr(method, "mixed_interceptor"):
+            names = {n for n in single if method_for(configs[n]) is method}
+            one_pass.append((names, method.mixed_interceptor({n: configs[n] for n in names}, mix.index, mix.names,
+                                                             dropout)))
     batch_size = mix.index.shape[0]
     running: list[str] = []  # inside an adapted module: the adapter that module and its submodules run
 
@@ -256,9 +266,20 @@ def _mixed_apply(apply_fn: Callable, configs: dict[str, PeftConfig], variables: 
     def mixed(next_fun, args, kwargs, context):
         if running:  # inside a module that runs as one adapter: it and its submodules run as that adapter
             return run_as(running[-1], next_fun, args, kwargs, context)
+        # Adapters change ``__call__``; saved copies (modules_to_save) replace every public method, e.g. attend.
+        # Other methods (setup, private helpers) run once, as they are.
+        saved_copies = context.module.variables.get("params", {}).get(SAVED_MODULES_KEY, {})
+        method = context.method_name
+        if method != "__call__" and (method.startswith("_") or method == "setup" or not saved_copies):
+            return next_fun(*args, **kwargs)
         here = [name for name in mix.names if name in _own_adapter_names(context.module)]
         if not here:
             return next_fun(*args, **kwargs)
+        for names, adapt in one_pass:
+            if set(here) <= names and not saved_copies:
+                out = adapt(next_fun, args, kwargs, context, here)
+                if out is not None:
+                    return out
         out = call_again_as(BASE, args, kwargs, context)
         for name in here:
             adapted = call_again_as(name, args, kwargs, context)

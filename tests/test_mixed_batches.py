@@ -130,3 +130,50 @@ def test_bad_adapter_names():
         model(IDS, MASK, adapter_names=["lora", "nope", "lora", "lora"])
     with pytest.raises(TypeError, match="one adapter name"):
         jaxpeft.AdapterMix.of("lora")
+
+
+class _EveryKind(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(11, 8, name="embed")(ids)  # (batch, 6, 8)
+        x = nn.Conv(8, (3,), name="conv")(x)
+        x = nn.DenseGeneral((2, 4), name="general")(x)  # (batch, 6, 2, 4)
+        x = nn.Einsum((2, 4, 8), "bsnh,nhd->bsd", name="einsum")(x)
+        return nn.Dense(5, name="dense")(nn.relu(x))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unscanned", "scanned"])
+def test_several_lora_adapters_with_different_ranks_and_alphas(scan_layers):
+    base = AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=50, max_position_embeddings=32), scan_layers=scan_layers, seed=0)
+    model = jaxpeft.get_peft_model(base, jaxpeft.LoraConfig(r=2, lora_alpha=8, target_modules="all-linear"),
+                                   adapter_name="a")
+    model.add_adapter("b", jaxpeft.LoraConfig(r=5, lora_alpha=3, target_modules=["q_proj", "v_proj"],
+                                              layers_to_transform=[0, 2]))
+    model.add_adapter("c", jaxpeft.LoraConfig(r=3, use_rslora=True, target_modules=["v_proj", "down_proj"]))
+    model.add_adapter("d", jaxpeft.LoraConfig(r=2, use_dora=True, target_modules=["q_proj"]))
+    for seed, name in enumerate("abcd"):
+        _randomize(model, name, seed + 10)
+    mixed = _rows_match_single_runs(model, ["c", "a", "__base__", "b"])
+    assert np.abs(mixed[0] - mixed[3]).max() > 1e-3
+    _rows_match_single_runs(model, ["d", "b", "a", "d"])  # DoRA takes the general path beside the others
+
+
+def test_several_lora_adapters_on_every_layer_kind():
+    model = _EveryKind()
+    ids = jax.random.randint(jax.random.key(0), (4, 6), 0, 11)
+    variables = model.init(jax.random.key(1), ids)
+    configs = {"a": jaxpeft.LoraConfig(r=2, target_modules=".*", init_lora_weights=False),
+               "b": jaxpeft.LoraConfig(r=3, lora_alpha=5, target_modules=["embed", "conv", "einsum"],
+                                       init_lora_weights=False)}
+    for i, (name, config) in enumerate(configs.items()):
+        variables = jaxpeft.init_adapters(jax.random.key(i + 2), config, model.apply, variables, ids,
+                                          adapter_name=name)
+    apply = jaxpeft.rewrite(model.apply, configs)
+    names = ["b", "a", "__base__", "b"]
+    out = jax.jit(apply)(variables, ids, adapter_name=jaxpeft.AdapterMix.of(names))
+    for row, name in enumerate(names):
+        expected = model.apply(variables, ids) if name == "__base__" else apply(variables, ids, adapter_name=name)
+        np.testing.assert_allclose(out[row], expected[row], atol=1e-5, err_msg=f"row {row} ({name})")
+    assert np.abs(out[0] - out[1]).max() > 1e-3

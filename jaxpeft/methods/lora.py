@@ -302,6 +302,15 @@ def finish(key: jax.Array, config: LoraConfig, trace: Trace, leaves: dict, flat_
 
 # ----- forward -----
 
+def _input_rows(module: nn.Module, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+    """A Dense(General) layer's input as ``(batch, tokens, inputs)``, and the shape of its axes that are kept."""
+    axis = getattr(module, "axis", -1)
+    axes = tuple(ax % x.ndim for ax in (axis if isinstance(axis, Sequence) else (axis,)))
+    kept = tuple(ax for ax in range(x.ndim) if ax not in axes)
+    kept_shape = tuple(x.shape[ax] for ax in kept)
+    return x.transpose(kept + axes).reshape(kept_shape[:1] + (-1, math.prod(x.shape[ax] for ax in axes))), kept_shape
+
+
 def _down(kind: str, module: nn.Module, x: jax.Array, a: jax.Array) -> jax.Array:
     """``A(x)``: the layer's input projected to the rank, which becomes the last axis."""
     if kind == "embed":
@@ -309,11 +318,8 @@ def _down(kind: str, module: nn.Module, x: jax.Array, a: jax.Array) -> jax.Array
     if kind in ("dense", "dense_general"):
         # As one 2-D matmul over all tokens: XLA's CPU backend runs those (and their gradients) far faster
         # than dots with several batch or contracting axes.
-        axis = getattr(module, "axis", -1)
-        axes = tuple(ax % x.ndim for ax in (axis if isinstance(axis, Sequence) else (axis,)))
-        kept = tuple(ax for ax in range(x.ndim) if ax not in axes)
-        rows = x.transpose(kept + axes).reshape(-1, a.size // a.shape[-1])
-        return (rows @ a.reshape(-1, a.shape[-1])).reshape(tuple(x.shape[ax] for ax in kept) + a.shape[-1:])
+        rows, kept_shape = _input_rows(module, x)
+        return (rows.reshape(-1, rows.shape[-1]) @ a.reshape(-1, a.shape[-1])).reshape(kept_shape + a.shape[-1:])
     if kind == "conv":
         window = nn.Conv(features=a.shape[-1], kernel_size=module.kernel_size, strides=module.strides,
                          padding=module.padding, input_dilation=module.input_dilation,
@@ -335,6 +341,15 @@ def _up(kind: str, module: nn.Module, hidden: jax.Array, b: jax.Array) -> jax.Ar
     return jnp.einsum(f"{kept}{_RANK},{_RANK}{out_letters}->{out_spec}", hidden, b)
 
 
+def _checked_kernel(module: nn.Module, kind: str, adapter_name: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    kernel = nn.meta.unbox(module.get_variable("params", "embedding" if kind == "embed" else "kernel"))
+    if a.shape[:-1] + b.shape[1:] != kernel.shape or a.shape[-1] != b.shape[0]:
+        raise AdapterError(f"adapter {adapter_name!r} at {'.'.join(module.path)} has lora_A {a.shape} and "
+                           f"lora_B {b.shape}, which do not fit the layer's weight {kernel.shape}: the adapter "
+                           "was made for another model")
+    return kernel
+
+
 def interceptor(config: LoraConfig, adapter_name: str, dropout: bool):
     """Adds the named adapter's update to each adapted layer's output."""
     busy = []
@@ -354,11 +369,7 @@ def interceptor(config: LoraConfig, adapter_name: str, dropout: bool):
         a = nn.meta.unbox(a_by_name[adapter_name])
         b = nn.meta.unbox(module.get_variable("params", "lora_B")[adapter_name])
         scaling = nn.meta.unbox(module.get_variable("params", "lora_scaling")[adapter_name])
-        kernel = nn.meta.unbox(module.get_variable("params", "embedding" if kind == "embed" else "kernel"))
-        if a.shape[:-1] + b.shape[1:] != kernel.shape or a.shape[-1] != b.shape[0]:
-            raise AdapterError(f"adapter {adapter_name!r} at {'.'.join(module.path)} has lora_A {a.shape} and "
-                               f"lora_B {b.shape}, which do not fit the layer's weight {kernel.shape}: the adapter "
-                               "was made for another model")
+        kernel = _checked_kernel(module, kind, adapter_name, a, b)
         compute_dtype = out.dtype
         if kind != "embed":
             x = x.astype(compute_dtype)
@@ -389,6 +400,68 @@ def interceptor(config: LoraConfig, adapter_name: str, dropout: bool):
         finally:
             busy.pop()
         return out + (scale - 1) * base + scale * update
+
+    return adapt
+
+
+def mixed_interceptor(configs: dict[str, LoraConfig], index: jax.Array, names: tuple[str, ...], dropout: bool):
+    """For a batch whose row ``i`` runs adapter ``names[index[i]]``: each layer adapted by several of ``configs``.
+
+    The layer's output is computed once and every row adds its own adapter's update. In Dense and DenseGeneral
+    layers each row gathers its adapter's A and B (padded to the largest rank), so the batch costs about what one
+    adapter costs; in other layers the adapters run as one LoRA of their summed rank whose hidden units each row
+    keeps only for its own adapter. Returns ``adapt(next_fun, args, kwargs, context, here)``, the layer's output
+    for the adapters ``here`` that it holds, or ``None`` where the general path must run it (DoRA, dropout, an
+    output without the batch on axis 0).
+    """
+    batch_size = index.shape[0]
+
+    def adapt(next_fun, args, kwargs, context, here):
+        module = context.module
+        kind = layer_kind(module)
+        if kind is None or context.method_name != "__call__" or not module.has_variable("params", "lora_A"):
+            return None
+        a_by_name = module.get_variable("params", "lora_A")
+        if any(name not in a_by_name or configs[name].use_dora or (dropout and configs[name].lora_dropout > 0)
+               for name in here):
+            return None
+        a = [nn.meta.unbox(a_by_name[name]) for name in here]
+        b = [nn.meta.unbox(module.get_variable("params", "lora_B")[name]) for name in here]
+        scaling = [nn.meta.unbox(module.get_variable("params", "lora_scaling")[name]) for name in here]
+        if any(jnp.ndim(s) for s in scaling):
+            return None
+        for name, a_i, b_i in zip(here, a, b, strict=True):
+            _checked_kernel(module, kind, name, a_i, b_i)
+        out = next_fun(*args, **kwargs)
+        if jnp.ndim(out) == 0 or jnp.shape(out)[0] != batch_size:
+            return None
+        x = args[0] if args else next(iter(kwargs.values()))
+        compute_dtype = out.dtype
+        if kind != "embed":
+            x = x.astype(compute_dtype)
+        # Each row's slot in ``here``; rows of other adapters or of the base model take slot len(here), scaling 0.
+        slot_of = np.full(len(names), len(here))
+        slot_of[[names.index(name) for name in here]] = np.arange(len(here))
+        row_slot = jnp.asarray(slot_of)[index]
+        row_scaling = jnp.stack([jnp.asarray(s, jnp.float32) for s in scaling] + [jnp.zeros((), jnp.float32)])[
+            row_slot].astype(compute_dtype)
+        ranks = [a_i.shape[-1] for a_i in a]
+        if kind in ("dense", "dense_general"):
+            rows, _ = _input_rows(module, x)
+            rank = max(ranks)
+            a_of_slot = jnp.stack([jnp.pad(a_i.reshape(rows.shape[-1], -1), ((0, 0), (0, rank - a_i.shape[-1])))
+                                   for a_i in a] + [jnp.zeros((rows.shape[-1], rank), a[0].dtype)])
+            b_of_slot = jnp.stack([jnp.pad(b_i.reshape(b_i.shape[0], -1), ((0, rank - b_i.shape[0]), (0, 0)))
+                                   for b_i in b] + [jnp.zeros((rank, b[0][0].size), b[0].dtype)])
+            hidden = jnp.einsum("bti,bir->btr", rows, a_of_slot[row_slot].astype(compute_dtype))
+            update = jnp.einsum("btr,bro->bto", hidden * row_scaling[:, None, None],
+                                b_of_slot[row_slot].astype(compute_dtype))
+            return out + update.reshape(out.shape)
+        unit_slot = np.repeat(np.arange(len(here)), ranks)  # the slot of each hidden unit of the summed rank
+        unit_scaling = jnp.where(row_slot[:, None] == unit_slot[None, :], row_scaling[:, None], 0)
+        hidden = _down(kind, module, x, jnp.concatenate(a, axis=-1).astype(compute_dtype))
+        hidden = hidden * unit_scaling.reshape((batch_size,) + (1,) * (hidden.ndim - 2) + (sum(ranks),))
+        return out + _up(kind, module, hidden, jnp.concatenate(b, axis=0).astype(compute_dtype))
 
     return adapt
 
@@ -457,6 +530,7 @@ class _LoraMethod:
     create = staticmethod(create)
     finish = staticmethod(finish)
     interceptor = staticmethod(interceptor)
+    mixed_interceptor = staticmethod(mixed_interceptor)
     merge_layer = staticmethod(merge_layer)
     unmerge_layer = staticmethod(unmerge_layer)
 

@@ -159,8 +159,8 @@ def dot_product_attention(
     ``query`` is ``(batch, T, heads, head_dim)``, ``key``/``value`` ``(batch, S, kv_heads, head_dim)``,
     ``mask`` from ``make_attention_mask`` (its key axis includes the prefix). ``prefix_key_value`` is this layer's
     ``(keys, values)`` of shape ``(batch, P, kv_heads, head_dim)``, put in front of ``key``/``value``.
-    Without dropout this is ``jax.nn.dot_product_attention`` (cuDNN flash attention where the GPU supports it);
-    attention dropout (training only) takes an explicit softmax.
+    Without dropout this is ``jax.nn.dot_product_attention`` (its XLA implementation unless ``implementation``
+    says ``"cudnn"``); attention dropout (training only) takes an explicit softmax.
     """
     if prefix_key_value is not None:
         prefix_key, prefix_value = prefix_key_value
