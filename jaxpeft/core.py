@@ -233,12 +233,12 @@ def _mixed_apply(apply_fn: Callable, configs: dict[str, PeftConfig], variables: 
     dropout = _dropout_requested(kwargs)
     single = {name: method_for(configs[name]).interceptor(configs[name], name, dropout)
               for name in mix.names if name != BASE}
-    one_pass = []  # (names, adapt): one pass through a layer for several adapters of one method
-    for method in {id(method_for(configs[n])): method_for(configs[n]) for n in single}.values():
-        if hasattr(method, "mixed_interceptor"):
-            names = {n for n in single if method_for(configs[n]) is method}
-            one_pass.append((names, method.mixed_interceptor({n: configs[n] for n in names}, mix.index, mix.names,
-                                                             dropout)))
+    names_by_method: dict[Any, list[str]] = {}
+    for name in single:
+        names_by_method.setdefault(method_for(configs[name]), []).append(name)
+    # (names, adapt): one pass through a layer for several adapters of one method
+    one_pass = [(set(names), method.mixed_interceptor({n: configs[n] for n in names}, mix.index, mix.names, dropout))
+                for method, names in names_by_method.items() if hasattr(method, "mixed_interceptor")]
     batch_size = mix.index.shape[0]
     running: list[str] = []  # inside an adapted module: the adapter that module and its submodules run
 

@@ -336,8 +336,8 @@ class Pipeline:
         results: list = []
         for batch in filled_batches(features, 1 if exact_length else batch_size, shrink_last=True):
             chunk = batch.rows[: batch.count]
-            length = self._padded_length(chunk, batch.start)  # also the limit check
-            length = len(chunk[0]["input_ids"]) if exact_length else length
+            padded = self._padded_length(chunk, batch.start)  # also the limit check
+            length = len(chunk[0]["input_ids"]) if exact_length else padded
             output = self._forward(pad_features(batch.rows, length=length, pad_token_id=self._pad_token_id))
             results.extend(read(output, row, feature, length) for row, feature in enumerate(chunk))
         return results

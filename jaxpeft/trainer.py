@@ -747,21 +747,19 @@ class Trainer:
         """Writes the model's adapters in the HF PEFT format (and the tokenizer, when the Trainer has one) to
         ``output_dir`` (default ``args.output_dir``)."""
         folder = os.fspath(output_dir if output_dir is not None else self.args.output_dir)
-        if jax.process_count() > 1:  # every process gathers the adapters' sharded leaves; the first one writes
+        params = self.model.params
+        if jax.process_count() > 1:  # every process takes part in gathering the adapters' sharded leaves
             from jax.experimental import multihost_utils
 
-            params = self.model.params
-            self.model.params = jax.tree_util.tree_map_with_path(
+            gathered = jax.tree_util.tree_map_with_path(
                 lambda path, leaf: multihost_utils.process_allgather(leaf, tiled=True)
                 if any(key in ADAPTER_KEYS for key in training._path_keys(path)) else leaf, params)
-            try:
-                if jax.process_index() == 0:
-                    self.model.save_pretrained(folder)
-            finally:
-                self.model.params = params
-            if jax.process_index() != 0:
+            if jax.process_index() != 0:  # the first process writes
                 return
-        else:
+            self.model.params = gathered
+        try:
             self.model.save_pretrained(folder)
+        finally:
+            self.model.params = params
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(folder)

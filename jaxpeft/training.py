@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxpeft import sharding
+from jaxpeft.methods.prompt_tuning import extend_labels
 from jaxpeft.tree import ADAPTER_KEYS, CONSTANT_KEYS, SAVED_MODULES_KEY, combine, partition
 
 IGNORE_INDEX = -100
@@ -351,7 +353,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
         if state_sharding is None or batch_sharding is None:
             raise ValueError("a sharded train step needs both state_sharding and batch_sharding (see "
                              "jaxpeft.sharding.state_shardings and batch_sharding)")
-        whole = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+        whole = sharding.replicated(batch_sharding.mesh)
         frozen_sharding = jax.tree_util.tree_map(lambda leaf: getattr(leaf, "sharding", whole), frozen)
         jitted = jax.jit(train_step, donate_argnums=donated,
                          in_shardings=(state_sharding, frozen_sharding, batch_sharding, whole),
@@ -551,7 +553,7 @@ def peft_outputs_fn(peft_model, task: str | None = None, ignore_index: int = IGN
         labels = jnp.asarray(labels)
         extra = logits.shape[1] - labels.shape[1] if task != "seq_cls" else 0
         if extra > 0:  # virtual tokens in front (prompt tuning)
-            labels = jnp.concatenate([jnp.full((labels.shape[0], extra), ignore_index, labels.dtype), labels], 1)
+            labels = extend_labels(labels, extra, ignore_index)
         sums = loss_sums(logits, labels, task, weights, ignore_index)
         return sums, logits[:, extra:] if extra > 0 else logits
 

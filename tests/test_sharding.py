@@ -233,11 +233,11 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tmp_path, one_device_run):
-    expected, expected_losses = one_device_run
-    port, out = _free_port(), tmp_path / "distributed"
+def run_two_processes(mode: str, *paths) -> None:
+    """Runs the worker ``mode`` as processes 0 and 1 of a two-process JAX runtime on 127.0.0.1."""
+    port = _free_port()
     environment = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    workers = [subprocess.Popen([sys.executable, str(WORKER), "distributed", str(port), str(i), str(out)], cwd=HERE,
+    workers = [subprocess.Popen([sys.executable, str(WORKER), mode, str(port), str(i), *map(str, paths)], cwd=HERE,
                                 env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for i in range(2)]
     try:
@@ -247,6 +247,12 @@ def test_two_processes_train_like_one(tmp_path, one_device_run):
             worker.kill()
     for worker, (_, stderr) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, stderr[-3000:]
+
+
+def test_two_processes_train_like_one(tmp_path, one_device_run):
+    expected, expected_losses = one_device_run
+    out = tmp_path / "distributed"
+    run_two_processes("distributed", out)
     got = np.load(f"{out}.npz")
     assert int(got["processes"]) == 2
     np.testing.assert_allclose(got["losses"], expected_losses, rtol=1e-5)
@@ -278,18 +284,8 @@ def test_trainer_with_a_mesh_trains_like_one_device(tmp_path, one_device_trainer
 def test_trainer_over_two_processes_checkpoints_and_saves_one_adapter(tmp_path, one_device_trainer):
     import sharding_worker
 
-    port, run = _free_port(), tmp_path / "run"
-    environment = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    workers = [subprocess.Popen([sys.executable, str(WORKER), "distributed_trainer", str(port), str(i), str(run),
-                                 str(tmp_path / "two")], cwd=HERE, env=environment, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for i in range(2)]
-    try:
-        outputs = [worker.communicate(timeout=300) for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-    for worker, (_, stderr) in zip(workers, outputs, strict=True):
-        assert worker.returncode == 0, stderr[-3000:]
+    run = tmp_path / "run"
+    run_two_processes("distributed_trainer", run, tmp_path / "two")
     one, two = one_device_trainer, np.load(tmp_path / "two.npz")
     np.testing.assert_allclose(two["eval_loss"], one["eval_loss"], rtol=1e-6)
     for name in one.files:
