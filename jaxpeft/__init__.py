@@ -2,7 +2,17 @@
 
 from jaxpeft import evaluation, sharding
 from jaxpeft.config import ConfigError, PeftConfig
-from jaxpeft.core import AdapterError, AdapterMix, freeze, init_adapters, merge, rewrite, trainable_mask, unmerge
+from jaxpeft.core import (
+    AdapterError,
+    AdapterMix,
+    check_adapter_name,
+    freeze,
+    init_adapters,
+    merge,
+    rewrite,
+    trainable_mask,
+    unmerge,
+)
 from jaxpeft.hf_format import config_from_hf_dict, config_to_hf_dict, load_adapter, save_adapter
 from jaxpeft.methods.bitfit import BitFitConfig
 from jaxpeft.methods.bottleneck import AdapterConfig
@@ -36,6 +46,7 @@ __all__ = [
     "Trainer",
     "TrainingArguments",
     "adapter_names",
+    "check_adapter_name",
     "combine",
     "config_from_hf_dict",
     "config_to_hf_dict",

@@ -30,6 +30,11 @@ def layer_index(name: str, layers_pattern: Patterns = None) -> int | None:
     return None
 
 
+def layer_indices_of(names: Sequence[str], layers_pattern: Patterns = None) -> list[int]:
+    """The layer indices (as ``layer_index`` reads them) that occur among module paths ``names``, ascending."""
+    return sorted({index for index in (layer_index(name, layers_pattern) for name in names) if index is not None})
+
+
 def in_layers(name: str, layers_to_transform: int | Sequence[int] | None, layers_pattern: Patterns = None) -> bool:
     """Whether the module belongs to one of ``layers_to_transform`` (always true when that is None)."""
     if layers_to_transform is None:

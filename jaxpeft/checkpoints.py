@@ -11,8 +11,10 @@ resumes) and the metrics of that step. On disk, ``directory/<step>/`` holds
 
 A step is written into a temporary folder (``<step>.orbax-checkpoint-tmp``) and renamed to ``<step>`` once
 complete, so a run killed in the middle of a save leaves the previous checkpoint as the latest one; the leftover
-temporary folder is removed when the next ``CheckpointManager`` opens the directory. Restoring places every
-array on the sharding of the state passed as ``like``. Use one manager per directory at a time.
+temporary folder is removed when the next writing ``CheckpointManager`` opens the directory (a manager opened with
+``read_only=True``, e.g. to export from a run in progress, changes nothing on disk). Restoring places every array on
+the sharding of the state passed as ``like``. Use one writing manager per directory at a time (the Trainer holds the
+run folder's lock, see ``jaxpeft.outputs``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ TMP_SUFFIX = ocp.path.step.TMP_DIR_SUFFIX  # a step is written to "<step><TMP_SU
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be saved or restored as asked; the message names the folder or step and what to do."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint's files cannot be read back as saved (truncated, overwritten, missing); ``step`` names it."""
+
+    def __init__(self, message: str, step: int, cause: str):
+        super().__init__(message)
+        self.step = step
+        self.cause = cause
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +205,8 @@ class CheckpointManager:
         async_save: ``save`` returns once the arrays are copied to host memory, and the files are written in the
             background (the state may then be donated to the next train step); ``wait_until_finished`` blocks
             until they are on disk.
+        read_only: only list and restore; nothing in ``directory`` is changed (the temporary folders of saves in
+            progress, or of saves that never finished, are left to the run's writer).
 
     Example:
         >>> import tempfile, jax.numpy as jnp, optax
@@ -214,7 +227,8 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = None,
-                 best_metric: str | None = None, greater_is_better: bool = False, async_save: bool = True):
+                 best_metric: str | None = None, greater_is_better: bool = False, async_save: bool = True,
+                 read_only: bool = False):
         if max_to_keep is not None and not (isinstance(max_to_keep, int) and max_to_keep >= 1):
             raise CheckpointError(f"max_to_keep must be an int >= 1 (or None to keep every checkpoint), got "
                                   f"{max_to_keep!r}")
@@ -226,14 +240,17 @@ class CheckpointManager:
         self.max_to_keep = max_to_keep
         self.best_metric = best_metric
         self.greater_is_better = bool(greater_is_better)
+        self.read_only = bool(read_only)
         options = ocp.CheckpointManagerOptions(
+            read_only=self.read_only,
             create=False,  # created by the first save, so a restore from a wrong path leaves nothing behind
             enable_async_checkpointing=async_save,
             preservation_policy=_LatestAndBest(max_to_keep, best_metric, self.greater_is_better),
             # Orbax writes and reads the ranking metric only when a best_fn is set; the policy does the ranking.
             best_fn=None if best_metric is None else (lambda metrics: (metrics or {}).get(best_metric, math.nan)),
         )
-        _remove_unfinished_saves(self.directory)
+        if not self.read_only and jax.process_index() == 0:  # one process cleans up
+            _remove_unfinished_saves(self.directory)
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_registry())
         except Exception as error:
@@ -268,6 +285,9 @@ class CheckpointManager:
             jaxpeft.checkpoints.CheckpointError: checkpoint step 10 already exists in ...
         """
         step = _step_number(step)
+        if self.read_only:
+            raise CheckpointError(f"the checkpoints in {self.directory} were opened read_only; open them without it "
+                                  "to save")
         position = _json_mapping(data_position, "data_position", int)
         metrics = _json_mapping(metrics, "metrics", float)
         self.wait_until_finished()  # the previous write's failure is reported as that step's, not this one's
@@ -395,12 +415,38 @@ class CheckpointManager:
 
     # ----- restoring
 
-    def _unreadable(self, step: int, cause: str) -> CheckpointError:
+    def _unreadable(self, step: int, cause: str) -> DamagedCheckpointError:
         earlier = [saved for saved in self.all_steps() if saved < step]
         folder = self.directory / str(step)
         advice = (f"delete that folder to resume from step {earlier[-1]}, or pass step={earlier[-1]}" if earlier
                   else "delete that folder and start the run again")
-        return CheckpointError(f"checkpoint step {step} in {folder} cannot be read ({cause}): {advice}")
+        return DamagedCheckpointError(f"checkpoint step {step} in {folder} cannot be read ({cause}): {advice}", step,
+                                      cause)
+
+    def set_aside(self, step: int) -> pathlib.Path:
+        """Renames checkpoint ``step``'s folder to ``<step>.damaged`` (``<step>.damaged-2``, ... when taken), so that
+        it is kept for inspection and no longer counts as a checkpoint; returns the new path.
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp
+            >>> with tempfile.TemporaryDirectory() as directory, CheckpointManager(directory) as manager:
+            ...     manager.save(3, {"lora": jnp.ones(2)}, data_position={"epoch": 0})
+            ...     manager.set_aside(3).name, manager.all_steps()
+            ('3.damaged', [])
+        """
+        step = _step_number(step)
+        if self.read_only:
+            raise CheckpointError(f"the checkpoints in {self.directory} were opened read_only; nothing is moved")
+        self.wait_until_finished()
+        source = self.directory / str(step)
+        target, number = source.with_name(f"{step}.damaged"), 1
+        while target.exists():
+            number += 1
+            target = source.with_name(f"{step}.damaged-{number}")
+        os.rename(source, target)
+        self._manager.reload()
+        self._scores.pop(step, None)
+        return target
 
     def _check_fits(self, step: int, saved: Any, target: Any) -> None:
         """Raises when the checkpoint's arrays do not have the names, shapes and dtypes of ``target``'s."""

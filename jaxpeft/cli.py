@@ -22,20 +22,23 @@ one-line ``jaxpeft <command>: error: ...`` on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
 import tempfile
 import textwrap
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jaxpeft
-from jaxpeft import core, data, trainer, training
+from jaxpeft import core, data, outputs, trainer, training
 from jaxpeft.config import config_class
 
 # transformers, the model families and Orbax are imported by the commands that use them, so that ``jaxpeft --help``
@@ -56,6 +59,41 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class UsageError(ValueError):
     """A command's options or files cannot work as given; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The numbers an option may take: ``low`` (inclusive, or exclusive with ``low_open``) up to ``high`` (likewise);
+    never NaN or an infinity.
+
+    Example:
+        >>> Bounds(0, 1, high_open=True).check("--warmup-ratio", 1.0)
+        Traceback (most recent call last):
+        ...
+        jaxpeft.cli.UsageError: --warmup-ratio must be in [0, 1), got 1.0
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    def check(self, flag: str, value: float) -> None:
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if not math.isfinite(value) or below or above:
+            raise UsageError(f"{flag} must be {self}, got {value}")
+
+
+AT_LEAST_ONE = Bounds(1)
+NOT_NEGATIVE = Bounds(0)
+POSITIVE = Bounds(0, low_open=True)
+FRACTION = Bounds(0, 1, high_open=True)
 
 
 # ----------------------------------------------------------------------------------------- option values
@@ -220,15 +258,19 @@ class _Command:
         self.defaults: dict[str, Any] = {}
         self.choices: dict[str, Sequence[str] | None] = {}
         self.required: dict[str, str] = {}
+        self.bounds: dict[str, Bounds] = {}
+        self.option(self.parser, "--debug", "flag", "on an error, print the full traceback (and the libraries' "
+                    "log messages)")
 
     def group(self, title: str):
         return self.parser.add_argument_group(title)
 
     def option(self, group, flag: str, kind: str, help_text: str, *, default: Any = None,
                choices: Sequence[str] | None = None, metavar: str | None = None, required: bool = False,
-               shown_default: Any = None) -> None:
+               shown_default: Any = None, bounds: Bounds | None = None) -> None:
         """Adds ``flag``; ``default`` applies when neither the command line nor the config file gives it, while
-        ``shown_default`` is only said in the help (the value another part of jaxpeft defaults to)."""
+        ``shown_default`` is only said in the help (the value another part of jaxpeft defaults to). A number must
+        lie within ``bounds`` (and be finite), whether it comes from the command line or the config file."""
         dest = flag.lstrip("-").replace("-", "_")
         kwargs: dict[str, Any] = {"dest": dest, "help": help_text}
         if kind == "flag":
@@ -251,6 +293,8 @@ class _Command:
         self.kinds[dest] = kind
         self.defaults[dest] = default if kind != "flag" else False
         self.choices[dest] = choices
+        if bounds is not None or kind == "float":
+            self.bounds[dest] = bounds or Bounds()
 
     def options(self, namespace: argparse.Namespace) -> argparse.Namespace:
         """The options: the command line's, then the config file's, then the defaults (repeatable options
@@ -275,6 +319,9 @@ class _Command:
         if missing:
             raise UsageError(f"the following arguments are required: {', '.join(missing)} (on the command line or "
                              "in the --config file)")
+        for dest, bounds in self.bounds.items():
+            if values.get(dest) is not None:
+                bounds.check("--" + dest.replace("_", "-"), values[dest])
         return argparse.Namespace(command=self.name, **values)
 
 
@@ -289,7 +336,7 @@ def _model_options(command: _Command) -> None:
     command.option(group, "--task", "str", "seq_cls, causal_lm or token_cls (default: the adapter's task_type)",
                    metavar="TASK")
     command.option(group, "--num-labels", "int", "classes of a classification head (default: the run's, else the "
-                   "model config's)")
+                   "model config's)", bounds=AT_LEAST_ONE)
     command.option(group, "--config", "str", "read options from this YAML or JSON file", metavar="FILE")
 
 
@@ -305,50 +352,53 @@ def _data_options(group, command: _Command) -> None:
                    metavar="NAME")
 
 
-# TrainingArguments fields behind the train command's hyper-parameter flags.
+# TrainingArguments fields behind the train command's hyper-parameter flags, and the numbers each may take.
 HYPER_PARAMETERS = (
-    ("--epochs", "num_train_epochs", "float", "passes over the training data"),
-    ("--max-steps", "max_steps", "int", "stop after this many optimizer steps (overrides --epochs)"),
-    ("--batch-size", "per_device_train_batch_size", "int", "examples per training step"),
-    ("--eval-batch-size", "per_device_eval_batch_size", "int", "examples per evaluation batch"),
-    ("--grad-accum", "gradient_accumulation_steps", "int", "micro-batches per optimizer step"),
-    ("--learning-rate", "learning_rate", "float", "peak learning rate"),
-    ("--lr-scheduler", "lr_scheduler_type", "str", "the learning rate's decay after warmup"),
-    ("--warmup-steps", "warmup_steps", "int", "steps of linear warmup"),
-    ("--warmup-ratio", "warmup_ratio", "float", "warmup as a fraction of all steps"),
-    ("--weight-decay", "weight_decay", "float", "AdamW weight decay (not on biases and norms)"),
-    ("--max-grad-norm", "max_grad_norm", "float", "clip gradients to this global norm"),
-    ("--seed", "seed", "int", "seed of the adapter's init, dropout and data order"),
-    ("--bf16", "bf16", "flag", "compute in bfloat16 (the adapter stays float32)"),
-    ("--logging-steps", "logging_steps", "int", "log the training loss every N steps"),
+    ("--epochs", "num_train_epochs", "float", "passes over the training data", POSITIVE),
+    ("--max-steps", "max_steps", "int", "stop after this many optimizer steps (overrides --epochs)", AT_LEAST_ONE),
+    ("--batch-size", "per_device_train_batch_size", "int", "examples per training step", AT_LEAST_ONE),
+    ("--eval-batch-size", "per_device_eval_batch_size", "int", "examples per evaluation batch", AT_LEAST_ONE),
+    ("--grad-accum", "gradient_accumulation_steps", "int", "micro-batches per optimizer step", AT_LEAST_ONE),
+    ("--learning-rate", "learning_rate", "float", "peak learning rate", POSITIVE),
+    ("--lr-scheduler", "lr_scheduler_type", "str", "the learning rate's decay after warmup", None),
+    ("--warmup-steps", "warmup_steps", "int", "steps of linear warmup", NOT_NEGATIVE),
+    ("--warmup-ratio", "warmup_ratio", "float", "warmup as a fraction of all steps", FRACTION),
+    ("--weight-decay", "weight_decay", "float", "AdamW weight decay (not on biases and norms)", NOT_NEGATIVE),
+    ("--max-grad-norm", "max_grad_norm", "float", "clip gradients to this global norm (0: no clipping)",
+     NOT_NEGATIVE),
+    ("--seed", "seed", "int", "seed of the adapter's init, dropout and data order", NOT_NEGATIVE),
+    ("--bf16", "bf16", "flag", "compute in bfloat16 (the adapter stays float32)", None),
+    ("--logging-steps", "logging_steps", "int", "log the training loss every N steps", AT_LEAST_ONE),
     ("--eval-strategy", "eval_strategy", "str", "when to evaluate on --eval-file (default: epoch with an "
-     "--eval-file, steps with --eval-steps)"),
-    ("--eval-steps", "eval_steps", "int", "evaluate every N steps (sets --eval-strategy steps)"),
-    ("--save-strategy", "save_strategy", "str", "when to save a checkpoint"),
-    ("--save-steps", "save_steps", "int", "save a checkpoint every N steps"),
-    ("--save-total-limit", "save_total_limit", "int", "keep at most N checkpoints (and the best)"),
-    ("--load-best-model-at-end", "load_best_model_at_end", "flag", "end with the best checkpoint's adapter"),
-    ("--metric-for-best-model", "metric_for_best_model", "str", "e.g. eval_loss or eval_accuracy"),
-    ("--group-by-length", "group_by_length", "flag", "batch examples of similar length together"),
+     "--eval-file, steps with --eval-steps)", None),
+    ("--eval-steps", "eval_steps", "int", "evaluate every N steps (sets --eval-strategy steps)", AT_LEAST_ONE),
+    ("--save-strategy", "save_strategy", "str", "when to save a checkpoint", None),
+    ("--save-steps", "save_steps", "int", "save a checkpoint every N steps", AT_LEAST_ONE),
+    ("--save-total-limit", "save_total_limit", "int", "keep at most N checkpoints (and the best)", AT_LEAST_ONE),
+    ("--load-best-model-at-end", "load_best_model_at_end", "flag", "end with the best checkpoint's adapter", None),
+    ("--metric-for-best-model", "metric_for_best_model", "str", "e.g. eval_loss or eval_accuracy", None),
+    ("--group-by-length", "group_by_length", "flag", "batch examples of similar length together", None),
     ("--max-length", "max_length", "int", "truncate examples to this many tokens (default: the model's position "
-     "limit, at most 512)"),
-    ("--no-progress", "disable_tqdm", "flag", "no progress bar"),
+     "limit, at most 512)", AT_LEAST_ONE),
+    ("--no-progress", "disable_tqdm", "flag", "no progress bar", None),
     ("--mesh", "mesh", "str", "shard over the devices as a mesh, e.g. data=4,fsdp=2 or data=2,tensor=4 (default: "
-     "data parallel over every device)"),
+     "data parallel over every device)", None),
 )
 # Flags for the most used method options; any other config field goes through --option KEY=VALUE.
 METHOD_OPTIONS = (
-    ("--r", "int", "LoRA rank"),
-    ("--lora-alpha", "float", "LoRA alpha (the update is scaled by alpha / r)"),
-    ("--lora-dropout", "float", "dropout on the LoRA input"),
-    ("--use-dora", "flag", "DoRA: LoRA with a learned magnitude per output"),
-    ("--use-rslora", "flag", "rsLoRA scaling alpha / sqrt(r)"),
-    ("--target-modules", "list", "modules to adapt, comma-separated (default: the architecture's; 'all-linear')"),
-    ("--feedforward-modules", "list", "IA3 / adapter: the feed-forward modules among the targets"),
-    ("--modules-to-save", "list", "modules trained and saved in full (the classifier head is added for seq_cls)"),
-    ("--num-virtual-tokens", "int", "prefix / prompt tuning: virtual tokens"),
-    ("--reduction-factor", "float", "bottleneck adapter: hidden size / adapter size"),
-    ("--preset", "str", "bottleneck adapter: houlsby, pfeiffer or parallel"),
+    ("--r", "int", "LoRA rank", AT_LEAST_ONE),
+    ("--lora-alpha", "float", "LoRA alpha (the update is scaled by alpha / r)", POSITIVE),
+    ("--lora-dropout", "float", "dropout on the LoRA input", FRACTION),
+    ("--use-dora", "flag", "DoRA: LoRA with a learned magnitude per output", None),
+    ("--use-rslora", "flag", "rsLoRA scaling alpha / sqrt(r)", None),
+    ("--target-modules", "list", "modules to adapt, comma-separated (default: the architecture's; 'all-linear')",
+     None),
+    ("--feedforward-modules", "list", "IA3 / adapter: the feed-forward modules among the targets", None),
+    ("--modules-to-save", "list", "modules trained and saved in full (the classifier head is added for seq_cls)",
+     None),
+    ("--num-virtual-tokens", "int", "prefix / prompt tuning: virtual tokens", AT_LEAST_ONE),
+    ("--reduction-factor", "float", "bottleneck adapter: hidden size / adapter size", POSITIVE),
+    ("--preset", "str", "bottleneck adapter: houlsby, pfeiffer or parallel", None),
 )
 
 
@@ -385,11 +435,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _Command]]:
     train.option(group, "--tokenizer", "str", "tokenizer folder or hub id (default: the model's)", metavar="PATH")
     train.option(group, "--task", "str", "seq_cls, causal_lm or token_cls (or SEQ_CLS, CAUSAL_LM, TOKEN_CLS)",
                  metavar="TASK", required=True)
-    train.option(group, "--num-labels", "int", "classes of the classification head (default: from the labels)")
+    train.option(group, "--num-labels", "int", "classes of the classification head (default: from the labels)",
+                 bounds=AT_LEAST_ONE)
     group = train.group("method")
     train.option(group, "--method", "str", "the PEFT method", choices=tuple(METHODS), required=True)
-    for flag, kind, help_text in METHOD_OPTIONS:
-        train.option(group, flag, kind, help_text)
+    for flag, kind, help_text, bounds in METHOD_OPTIONS:
+        train.option(group, flag, kind, help_text, bounds=bounds)
     train.option(group, "--option", "pairs", "any other field of the method's config, the value as JSON "
                  "(repeatable), e.g. --option bias=lora_only --option 'layers_to_transform=[0,1]'")
     group = train.group("data")
@@ -401,17 +452,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _Command]]:
     defaults = {field.name: field.default for field in dataclasses.fields(trainer.TrainingArguments)}
     choices = {"lr_scheduler_type": training.SCHEDULES, "eval_strategy": trainer.STRATEGIES,
                "save_strategy": trainer.STRATEGIES}
-    for flag, field, kind, help_text in HYPER_PARAMETERS:
+    for flag, field, kind, help_text, bounds in HYPER_PARAMETERS:
         shown = None if field == "eval_strategy" or kind == "flag" or defaults.get(field) == -1 else defaults.get(field)
-        train.option(group, flag, kind, help_text, choices=choices.get(field), shown_default=shown)
+        train.option(group, flag, kind, help_text, choices=choices.get(field), shown_default=shown, bounds=bounds)
     train.option(group, "--training-arg", "pairs", "any other TrainingArguments field, the value as JSON "
                  "(repeatable)")
     group = train.group("several hosts (jax.distributed; also read from JAX_COORDINATOR_ADDRESS, "
                         "JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
     train.option(group, "--coordinator-address", "str", "host:port of process 0, the same for every process",
                  metavar="HOST:PORT")
-    train.option(group, "--num-processes", "int", "how many processes take part")
-    train.option(group, "--process-id", "int", "this process's number, 0 .. num-processes - 1")
+    train.option(group, "--num-processes", "int", "how many processes take part", bounds=AT_LEAST_ONE)
+    train.option(group, "--process-id", "int", "this process's number, 0 .. num-processes - 1", bounds=NOT_NEGATIVE)
     train.option(group, "--distributed", "flag", "let JAX detect the cluster (TPU pod, Slurm, Open MPI)")
     group = train.group("output")
     train.option(group, "--output-dir", "str", "run folder: adapter/, checkpoints, metrics and jaxpeft_run.json",
@@ -433,9 +484,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _Command]]:
     evaluate.option(group, "--data", "str", "evaluation data: .jsonl, .json, .csv or .tsv", metavar="FILE",
                     required=True)
     _data_options(group, evaluate)
-    evaluate.option(group, "--batch-size", "int", "examples per batch", default=8)
+    evaluate.option(group, "--batch-size", "int", "examples per batch", default=8, bounds=AT_LEAST_ONE)
     evaluate.option(group, "--max-length", "int", "truncate examples to this many tokens (default: the run's, "
-                    "else the model's position limit, at most 512)")
+                    "else the model's position limit, at most 512)", bounds=AT_LEAST_ONE)
     evaluate.option(group, "--output", "str", "also write the metrics to this JSON file", metavar="FILE")
     commands["eval"] = evaluate
 
@@ -449,12 +500,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _Command]]:
     group = generate.group("generation")
     generate.option(group, "--prompt", "texts", "text to continue (repeat --prompt for a batch)", metavar="TEXT",
                     required=True)
-    generate.option(group, "--max-new-tokens", "int", "tokens to add", default=32)
+    generate.option(group, "--max-new-tokens", "int", "tokens to add", default=32, bounds=AT_LEAST_ONE)
     generate.option(group, "--do-sample", "flag", "sample instead of greedy decoding")
-    generate.option(group, "--temperature", "float", "sampling temperature", default=1.0)
-    generate.option(group, "--top-k", "int", "sample from the k most likely tokens")
-    generate.option(group, "--top-p", "float", "sample from the smallest set of tokens holding this probability")
-    generate.option(group, "--seed", "int", "seed of the sampling", default=0)
+    generate.option(group, "--temperature", "float", "sampling temperature", default=1.0, bounds=POSITIVE)
+    generate.option(group, "--top-k", "int", "sample from the k most likely tokens", bounds=AT_LEAST_ONE)
+    generate.option(group, "--top-p", "float", "sample from the smallest set of tokens holding this probability",
+                    bounds=Bounds(0, 1, low_open=True))
+    generate.option(group, "--seed", "int", "seed of the sampling", default=0, bounds=NOT_NEGATIVE)
     generate.option(group, "--json", "flag", "print a JSON list of {prompt, generated_text} instead of the texts")
     commands["generate"] = generate
 
@@ -478,7 +530,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _Command]]:
                       "example:\n  jaxpeft export --run runs/reviews --best --output best-adapter/", run_export)
     group = export.group("checkpoint")
     export.option(group, "--run", "str", "a folder written by `jaxpeft train`", metavar="DIR", required=True)
-    export.option(group, "--step", "int", "the checkpoint taken after this step (default: the latest)")
+    export.option(group, "--step", "int", "the checkpoint taken after this step (default: the latest)",
+                  bounds=NOT_NEGATIVE)
     export.option(group, "--best", "flag", "the checkpoint with the best --metric-for-best-model")
     export.option(group, "--output", "str", "folder for the adapter", metavar="DIR", required=True)
     export.option(group, "--overwrite", "flag", "replace --output if it exists")
@@ -500,16 +553,6 @@ def _check_file(path: str, flag: str) -> str:
 def _local_or_id(name: str) -> str:
     """An absolute path for a local model or tokenizer (so a run folder works from anywhere), else the hub id."""
     return os.path.abspath(name) if os.path.exists(name) else name
-
-
-def _write_json(path: str, content: Any) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        json.dump(content, file, indent=2, sort_keys=True)
-        file.write("\n")
-    os.replace(temporary, path)
 
 
 def read_run(folder: str) -> dict[str, Any]:
@@ -602,9 +645,14 @@ def _adapter_num_labels(adapter: str) -> int | None:
     """The classes of the classifier head saved in an adapter folder (``modules_to_save``), if it holds one."""
     import safetensors
 
+    from jaxpeft.models import hub
+
     path = os.path.join(adapter, "adapter_model.safetensors")
     if not os.path.isfile(path):
         return None
+    problem = hub.safetensors_problem(path)
+    if problem is not None:
+        raise UsageError(f"{path}: {problem}")
     with safetensors.safe_open(path, framework="np") as file:
         for suffix in (".classifier.out_proj.weight", ".classifier.weight", ".score.weight"):
             for name in file.keys():
@@ -656,28 +704,6 @@ def _load_adapted(options: argparse.Namespace, *, needs_adapter: bool, task: str
     model = jaxpeft.PeftModel.from_pretrained(base, adapter) if adapter else base
     tokenizer_source = options.tokenizer or run.get("tokenizer") or model_source
     return _Loaded(model, base, task, tokenizer_source, run)
-
-
-def _check_output(output: str, overwrite: bool) -> None:
-    if os.path.exists(output) and not overwrite and (not os.path.isdir(output) or os.listdir(output)):
-        raise UsageError(f"--output {output!r} already exists; choose a new folder or pass --overwrite")
-
-
-def _write_folder(output: str, write: Callable[[str], None]) -> None:
-    """Runs ``write(folder)`` on a temporary folder next to ``output`` and moves it into place once complete."""
-    output = os.path.abspath(output)
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    temporary = tempfile.mkdtemp(dir=os.path.dirname(output), prefix=f".{os.path.basename(output)}-")
-    try:
-        write(temporary)
-        if os.path.isdir(output):
-            shutil.rmtree(output)
-        elif os.path.exists(output):
-            os.remove(output)
-        os.replace(temporary, output)
-    finally:
-        if os.path.isdir(temporary):
-            shutil.rmtree(temporary)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -745,7 +771,8 @@ def _tokenize(examples, tokenizer, options: argparse.Namespace, task: str, max_l
         features = data.tokenize(examples, tokenizer, text_key=options.text_column or "text",
                                  text_pair_key=options.text_pair_column,
                                  label_key=None if task == "causal_lm" else options.label_column or "label",
-                                 max_length=max_length, label2id=label2id)
+                                 max_length=max_length, label2id=label2id,
+                                 num_labels=None if task == "causal_lm" else int(model.config.num_labels))
     if "token_type_ids" not in _model_inputs(model):  # e.g. a BERT tokenizer with a GPT-2 model
         for feature in features:
             feature.pop("token_type_ids", None)
@@ -756,16 +783,34 @@ def _collator(task: str, tokenizer, model, max_length: int | None):
     return trainer.default_collator(task, tokenizer, model.config, max_length)
 
 
-def _default_max_length(model, tokenizer) -> int:
-    limits = [512]
+def _position_limit(model) -> tuple[int, str] | None:
+    """The most positions the model has, and the config field that says so (None when it does not say)."""
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(model.config, name, None)
         if isinstance(value, int) and value > 0:
-            limits.append(value)
+            return value, name
+    return None
+
+
+def _max_length(requested: int | None, model, tokenizer, virtual_tokens: int = 0) -> int:
+    """``--max-length``, checked against the model's positions (after ``virtual_tokens`` of prompt tuning), or the
+    default: the position limit, the tokenizer's ``model_max_length`` and 512, whichever is least."""
+    limit = _position_limit(model)
+    room = None if limit is None else limit[0] - virtual_tokens
+    if room is not None and room < 1:
+        raise UsageError(f"the model has {limit[0]} positions ({limit[1]}), no room for tokens after "
+                         f"{virtual_tokens} virtual tokens; lower --num-virtual-tokens")
+    if requested is not None:
+        if room is not None and requested > room:
+            virtual = f" after {virtual_tokens} virtual tokens" if virtual_tokens else ""
+            raise UsageError(f"--max-length {requested} is more than the {room} positions the model has{virtual} "
+                             f"({limit[1]}={limit[0]}); pass --max-length {room} or less")
+        return requested
+    limits = [512] + ([room] if room is not None else [])
     model_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(model_max, int) and 0 < model_max < 1_000_000:
-        limits.append(model_max)
-    return min(limits)
+        limits.append(model_max - virtual_tokens)
+    return max(1, min(limits))
 
 
 def _string_label_ids(examples, options, task: str, run: dict, model_config) -> dict[str, int] | None:
@@ -812,7 +857,7 @@ def method_config(method: str, task: str, options: Mapping[str, Any]):
 
 def _method_options(options: argparse.Namespace) -> dict[str, Any]:
     chosen: dict[str, Any] = {}
-    for flag, _, _ in METHOD_OPTIONS:
+    for flag, _, _, _ in METHOD_OPTIONS:
         value = getattr(options, flag.lstrip("-").replace("-", "_"))
         if value is not None and value is not False:
             chosen[flag.lstrip("-").replace("-", "_")] = "all-linear" if value == ["all-linear"] else value
@@ -822,7 +867,7 @@ def _method_options(options: argparse.Namespace) -> dict[str, Any]:
 
 def _training_arguments(options: argparse.Namespace) -> trainer.TrainingArguments:
     chosen: dict[str, Any] = {}
-    for flag, field, _, _ in HYPER_PARAMETERS:
+    for flag, field, _, _, _ in HYPER_PARAMETERS:
         value = getattr(options, flag.lstrip("-").replace("-", "_"))
         if value is not None and value is not False:
             chosen[field] = value
@@ -851,6 +896,64 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
+def _check_run_folder(options: argparse.Namespace) -> None:
+    """Refuses a fresh run into a folder that holds an earlier run's outputs, and ``--resume`` without checkpoints
+    (with the run folder's lock held, so that the answer stays true)."""
+    earlier = outputs.earlier_run(options.output_dir)
+    if earlier and not (options.resume or options.overwrite):
+        raise UsageError(f"--output-dir {options.output_dir!r} holds the outputs of an earlier run "
+                         f"({', '.join(earlier)}); pass --resume to continue it, --overwrite to replace them (only "
+                         "what jaxpeft wrote there is removed), or choose a new folder")
+    checkpoints = os.path.join(options.output_dir, "checkpoints")
+    if options.resume and not (os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))):
+        raise UsageError(f"--resume, but --output-dir {options.output_dir!r} has no checkpoints; drop --resume to "
+                         "start afresh")
+
+
+def _writer(options: argparse.Namespace):
+    """The run folder's lock (in a multi-process run the first process writes), held from before the checks of
+    what the folder holds to the end of the run."""
+    import jax
+
+    if jax.process_index() != 0:
+        return contextlib.nullcontext()
+    return outputs.writer_lock(options.output_dir)
+
+
+def _train_data(options: argparse.Namespace, task: str):
+    """The examples of ``--train-file`` and ``--eval-file`` (None without one), their columns checked."""
+    train_examples = data.load_dataset_file(_check_file(options.train_file, "--train-file"))
+    eval_examples = (data.load_dataset_file(_check_file(options.eval_file, "--eval-file"))
+                     if options.eval_file else None)
+    _check_columns(train_examples, options, task, "--train-file")
+    if eval_examples is not None:
+        _check_columns(eval_examples, options, task, "--eval-file")
+    return train_examples, eval_examples
+
+
+def _head_overrides(options: argparse.Namespace, task: str, names: list[str] | None, examples) -> dict[str, Any]:
+    """The model config's head options for the data's labels: ``id2label`` for label names, else ``num_labels``."""
+    if task == "causal_lm":
+        return {}
+    if names:
+        if options.num_labels is not None and options.num_labels != len(names):
+            raise UsageError(f"--num-labels {options.num_labels} but the data has {len(names)} label names {names}")
+        return {"id2label": dict(enumerate(names))}
+    num_labels = options.num_labels or _num_classes(examples, options.label_column or "label", task)
+    return {} if num_labels is None else {"num_labels": num_labels}
+
+
+def _final_eval(run_trainer, result) -> dict:
+    """The evaluation of the parameters the run ended with: the last step's evaluation when there was one, else a
+    new one (also after ``load_best_model_at_end``)."""
+    if run_trainer.eval_dataset is None:
+        return {}
+    last = next((record for record in reversed(run_trainer.log_history) if "eval_loss" in record), None)
+    if last is not None and last.get("step") == result.global_step and not run_trainer.args.load_best_model_at_end:
+        return {key: value for key, value in last.items() if key.startswith("eval_")}
+    return {key: value for key, value in run_trainer.evaluate().items() if key.startswith("eval_")}
+
+
 def run_train(options: argparse.Namespace) -> int:
     """``jaxpeft train``: fine-tune, then write ``<output-dir>/adapter`` and ``<output-dir>/jaxpeft_run.json``."""
     from jaxpeft import sharding
@@ -858,45 +961,40 @@ def run_train(options: argparse.Namespace) -> int:
     sharding.initialize_distributed(options.coordinator_address, options.num_processes, options.process_id,
                                     auto=bool(options.distributed))
     task = task_name(options.task)
-    checkpoints = os.path.join(options.output_dir, "checkpoints")
-    has_checkpoints = os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
     if options.resume and options.overwrite:
         raise UsageError("pass --resume or --overwrite, not both")
-    if has_checkpoints and not (options.resume or options.overwrite):
-        raise UsageError(f"--output-dir {options.output_dir!r} holds the checkpoints of a run; pass --resume to "
-                         "continue it, --overwrite to start afresh, or choose a new folder")
-    train_examples = data.load_dataset_file(_check_file(options.train_file, "--train-file"))
-    eval_examples = (data.load_dataset_file(_check_file(options.eval_file, "--eval-file"))
-                     if options.eval_file else None)
+    outputs.check_apart(options.output_dir, {"--model": options.model, "--tokenizer": options.tokenizer},
+                        output_flag="--output-dir")
+    with _writer(options):
+        _check_run_folder(options)
+        return _train(options, task)
+
+
+def _train(options: argparse.Namespace, task: str) -> int:
+    import jax
+
     peft_options = {"base_model_name_or_path": _local_or_id(options.model), **_method_options(options)}
     peft_config = method_config(options.method, task, peft_options)  # a bad option fails before the model loads
-    _check_columns(train_examples, options, task, "--train-file")
-    if eval_examples is not None:
-        _check_columns(eval_examples, options, task, "--eval-file")
+    train_examples, eval_examples = _train_data(options, task)
     training_args = _training_arguments(options)
     tokenizer_source = options.tokenizer or options.model
     tokenizer = load_tokenizer(tokenizer_source)
-
     all_examples = list(train_examples) + list(eval_examples or [])
-    label_column = options.label_column or "label"
-    names = None if task == "causal_lm" else label_names(all_examples, label_column, task)
-    overrides: dict[str, Any] = {}
-    if names:
-        if options.num_labels is not None and options.num_labels != len(names):
-            raise UsageError(f"--num-labels {options.num_labels} but the data has {len(names)} label names {names}")
-        overrides["id2label"] = dict(enumerate(names))
-    elif task != "causal_lm":
-        num_labels = options.num_labels or _num_classes(all_examples, label_column, task)
-        if num_labels is not None:
-            overrides["num_labels"] = num_labels
-    model = load_model(options.model, task, **overrides)
-    max_length = options.max_length or _default_max_length(model, tokenizer)
+    names = None if task == "causal_lm" else label_names(all_examples, options.label_column or "label", task)
+    # quiet: the new classifier head is trained (modules_to_save), so transformers' "newly initialized" is moot
+    model = load_model(options.model, task, quiet=True, **_head_overrides(options, task, names, all_examples))
+    virtual_tokens = peft_config.num_virtual_tokens if peft_config.peft_type == "PROMPT_TUNING" else 0
+    max_length = _max_length(options.max_length, model, tokenizer, virtual_tokens)
     label2id = {name: i for i, name in enumerate(names)} if names else None
     train_features = _tokenize(train_examples, tokenizer, options, task, max_length, label2id, model)
     eval_features = (_tokenize(eval_examples, tokenizer, options, task, max_length, label2id, model)
                      if eval_examples is not None else None)
+    if task != "causal_lm":
+        data.check_labels(train_features, int(model.config.num_labels), task, training=True)
 
     peft_model = jaxpeft.get_peft_model(model, peft_config, seed=training_args.seed)
+    print(f"jaxpeft train: {jaxpeft.count_parameters(peft_model.params, peft_model.trainable_mask)}",
+          file=sys.stderr)
     run = {
         "model": _local_or_id(options.model),
         "tokenizer": _local_or_id(tokenizer_source),
@@ -911,7 +1009,9 @@ def run_train(options: argparse.Namespace) -> int:
         "training_arguments": _jsonable(dataclasses.asdict(training_args)),
         "adapter": ADAPTER_FOLDER,
     }
-    _write_json(os.path.join(options.output_dir, RUN_FILE), run)  # before training: export works on a cut run
+    if jax.process_index() == 0:  # inputs checked: the run starts (and --overwrite removes the earlier one's outputs)
+        outputs.start_run(options.output_dir, resume=bool(options.resume), overwrite=bool(options.overwrite))
+    _write_run_record(options.output_dir, run)  # before training: export works on a cut run
     compute_metrics = None
     if task != "causal_lm" and eval_features is not None:
         from jaxpeft.evaluation import classification_metrics
@@ -925,11 +1025,19 @@ def run_train(options: argparse.Namespace) -> int:
     adapter_folder = os.path.join(options.output_dir, ADAPTER_FOLDER)
     run_trainer.save_model(adapter_folder)
     summary = {"global_step": int(result.global_step), **_jsonable(dict(result.metrics or {})),
-               "adapter": adapter_folder}
+               **_jsonable(_final_eval(run_trainer, result)), "adapter": adapter_folder}
     run["result"] = summary
-    _write_json(os.path.join(options.output_dir, RUN_FILE), run)
-    print(json.dumps(summary, sort_keys=True))
+    _write_run_record(options.output_dir, run)
+    print(outputs.json_line(dict(sorted(summary.items()))))
     return 0
+
+
+def _write_run_record(folder: str, run: Mapping[str, Any]) -> None:
+    import jax
+
+    if jax.process_index() == 0:
+        outputs.write_json(os.path.join(folder, RUN_FILE), run)
+        outputs.record(folder, RUN_FILE)
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -955,8 +1063,6 @@ def evaluate_features(model, features: Sequence[Mapping], task: str, collator, b
     """
     from jaxpeft import evaluation
 
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     peft_model = model if hasattr(model, "peft_config") else jaxpeft.PeftModel(model, None)
     if task != "causal_lm" and peft_model.base_model.config.num_labels == 1:
         raise UsageError("eval reports classification metrics; this model has one output (regression)")
@@ -973,8 +1079,9 @@ def evaluate_features(model, features: Sequence[Mapping], task: str, collator, b
 
 def run_eval(options: argparse.Namespace) -> int:
     """``jaxpeft eval``: print (and with ``--output`` write) the metrics as JSON."""
-    if options.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.output:
+        outputs.check_apart(options.output, {"--run": options.run, "--model": options.model,
+                                             "--adapter": options.adapter, "--data": options.data})
     examples = data.load_dataset_file(_check_file(options.data, "--data"))
     run = read_run(options.run) if options.run else {}
     for key, value in run.get("columns", {}).items():  # the run's columns unless others are given
@@ -987,13 +1094,15 @@ def run_eval(options: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(loaded.tokenizer_source)
     label2id = (None if loaded.task == "causal_lm"
                 else _string_label_ids(examples, options, loaded.task, loaded.run, loaded.base.config))
-    max_length = options.max_length or loaded.run.get("max_length") or _default_max_length(loaded.base, tokenizer)
+    config = loaded.model.peft_config.get(loaded.model.active_adapter) if hasattr(loaded.model, "peft_config") else None
+    virtual_tokens = config.num_virtual_tokens if getattr(config, "peft_type", None) == "PROMPT_TUNING" else 0
+    max_length = _max_length(options.max_length or loaded.run.get("max_length"), loaded.base, tokenizer, virtual_tokens)
     features = _tokenize(examples, tokenizer, options, loaded.task, max_length, label2id, loaded.base)
     collator = _collator(loaded.task, tokenizer, loaded.base, max_length)
     metrics = evaluate_features(loaded.model, features, loaded.task, collator, options.batch_size)
     if options.output:
-        _write_json(options.output, metrics)
-    print(json.dumps(metrics, sort_keys=True))
+        outputs.write_json(options.output, metrics)
+    print(outputs.json_line(dict(sorted(metrics.items()))))
     return 0
 
 
@@ -1004,10 +1113,6 @@ def run_generate(options: argparse.Namespace) -> int:
     """``jaxpeft generate``: print each prompt followed by its continuation."""
     import numpy as np
 
-    if options.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {options.max_new_tokens}")
-    if options.temperature <= 0:
-        raise UsageError(f"--temperature must be > 0, got {options.temperature}")
     loaded = _load_adapted(options, needs_adapter=False, task="causal_lm")
     tokenizer = load_tokenizer(loaded.tokenizer_source)
     ids = [list(tokenizer(prompt)["input_ids"]) for prompt in options.prompt]
@@ -1064,10 +1169,13 @@ def _copy_tokenizer(source: str, folder: str, explicit: bool) -> bool:
 
 def run_merge(options: argparse.Namespace) -> int:
     """``jaxpeft merge``: ``merge_and_unload``, then the plain model's ``save_pretrained`` and the tokenizer."""
-    _check_output(options.output, options.overwrite)
     run = read_run(options.run) if options.run else {}
     adapter = options.adapter or (os.path.join(options.run, run.get("adapter", ADAPTER_FOLDER)) if options.run
                                   else None)
+    inputs = {"--run": options.run, "--model": options.model or run.get("model"), "--adapter": adapter,
+              "--tokenizer": options.tokenizer or run.get("tokenizer")}
+    outputs.check_apart(options.output, inputs)
+    outputs.check_output_folder(options.output, overwrite=options.overwrite)
     if adapter is not None and os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as file:
             config = jaxpeft.config_from_hf_dict(json.load(file))
@@ -1083,7 +1191,7 @@ def run_merge(options: argparse.Namespace) -> int:
         merged.save_pretrained(folder)
         found.append(_copy_tokenizer(loaded.tokenizer_source, folder, explicit=options.tokenizer is not None))
 
-    _write_folder(options.output, write)
+    outputs.write_folder(options.output, write, overwrite=options.overwrite)
     if not found[0]:
         print(f"jaxpeft merge: note: no tokenizer at {loaded.tokenizer_source!r}, so {options.output!r} has none "
               "(pass --tokenizer to add one)", file=sys.stderr)
@@ -1102,9 +1210,10 @@ def run_export(options: argparse.Namespace) -> int:
     if options.best and options.step is not None:
         raise UsageError("pass --step N or --best, not both")
     run = read_run(options.run)
-    _check_output(options.output, options.overwrite)
+    outputs.check_apart(options.output, {"--run": options.run})
+    outputs.check_output_folder(options.output, overwrite=options.overwrite)
     checkpoints = os.path.join(options.run, "checkpoints")
-    if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
+    if not os.path.isdir(checkpoints) or not any(name.isdigit() for name in os.listdir(checkpoints)):
         raise UsageError(f"--run {options.run!r} has no checkpoints (was it trained with --save-strategy no?); its "
                          f"final adapter is in {os.path.join(options.run, run.get('adapter', ADAPTER_FOLDER))}")
     known = {field.name for field in dataclasses.fields(trainer.TrainingArguments)}
@@ -1122,7 +1231,7 @@ def run_export(options: argparse.Namespace) -> int:
     peft_model = jaxpeft.get_peft_model(load_model(run["model"], task, quiet=True, **overrides),
                                         jaxpeft.config_from_hf_dict(run["peft_config"]), seed=args.seed)
     with CheckpointManager(checkpoints, best_metric=args.metric_for_best_model,
-                           greater_is_better=bool(args.greater_is_better), async_save=False) as manager:
+                           greater_is_better=bool(args.greater_is_better), read_only=True) as manager:
         step = options.step
         if options.best:
             step = manager.best_step()
@@ -1140,9 +1249,8 @@ def run_export(options: argparse.Namespace) -> int:
         peft_model.save_pretrained(folder)
         _copy_tokenizer(run.get("tokenizer") or run["model"], folder, explicit=False)
 
-    _write_folder(options.output, write)
-    print(json.dumps({"exported": options.output, "step": restored.step, "metrics": restored.metrics},
-                     sort_keys=True))
+    outputs.write_folder(options.output, write, overwrite=options.overwrite)
+    print(outputs.json_line({"exported": options.output, "metrics": restored.metrics, "step": restored.step}))
     return 0
 
 
@@ -1150,9 +1258,40 @@ def run_export(options: argparse.Namespace) -> int:
 
 
 def _one_line(error: BaseException) -> str:
+    """The error as one line: jaxpeft's own messages as they are, anything else with its type in front."""
     if isinstance(error, OSError) and error.strerror and error.filename:
-        return f"{error.strerror}: {error.filename!r}"
-    return " ".join(str(error).split()) or type(error).__name__
+        text = f"{error.strerror}: {error.filename!r}"
+    else:
+        text = " ".join(str(error).split())
+    if not isinstance(error, (ValueError, OSError, trainer.TrainingStopped)) or isinstance(error, UnicodeError):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+        text += " (run with --debug for the traceback)"
+    if len(text) > 600:
+        text = text[:597] + "..."
+    return text or type(error).__name__
+
+
+@contextlib.contextmanager
+def _command_logs(command: str, debug: bool):
+    """jaxpeft's warnings as ``jaxpeft <command>: ...`` lines on stderr; without ``--debug``, the libraries' own log
+    records (Orbax's background-thread tracebacks among them) are not printed: the command's one-line error says
+    what went wrong."""
+    libraries = [logging.getLogger(name) for name in ("absl", "orbax", "jax._src.xla_bridge")]
+    levels = [logger.level for logger in libraries]
+    if not debug:
+        for logger in libraries:
+            logger.setLevel(logging.CRITICAL)
+    ours = logging.getLogger("jaxpeft")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"jaxpeft {command}: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    ours.addHandler(handler)
+    try:
+        yield
+    finally:
+        ours.removeHandler(handler)
+        for logger, level in zip(libraries, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _unknown_arguments(unknown: list[str], command: _Command) -> str:
@@ -1182,14 +1321,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             command.parser.error(_unknown_arguments(unknown, command))
     except SystemExit as exit_:  # --help, --version and argparse's own errors
         return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 2
-    try:
-        return command.run(command.options(namespace))
-    except (ValueError, OSError) as error:
-        print(f"jaxpeft {command.name}: error: {_one_line(error)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"jaxpeft {command.name}: interrupted", file=sys.stderr)
-        return 130
+    debug = bool(getattr(namespace, "debug", False))
+    with _command_logs(command.name, debug):
+        try:
+            return command.run(command.options(namespace))
+        except KeyboardInterrupt:
+            print(f"jaxpeft {command.name}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:  # noqa: BLE001 - every error is one line; --debug shows the traceback
+            if debug:
+                traceback.print_exc()
+            print(f"jaxpeft {command.name}: error: {_one_line(error)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
+import numbers
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -83,6 +86,50 @@ def check(condition: bool, message: str) -> None:
     """Raises ``ConfigError(message)`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(message)
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is a real number (not a bool, not NaN, not infinite); numpy scalars count.
+
+    Example:
+        >>> is_finite_number(0.5), is_finite_number(float("nan")), is_finite_number("8"), is_finite_number(True)
+        (True, False, False, False)
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_positive_int(value: Any) -> bool:
+    """Whether ``value`` is an integer >= 1 (not a bool); numpy integers count.
+
+    Example:
+        >>> is_positive_int(4), is_positive_int(0), is_positive_int(2.0), is_positive_int(True)
+        (True, False, False, False)
+    """
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def plain_number(value: numbers.Real) -> int | float:
+    """``value`` as a Python int or float (a numpy scalar would not survive ``to_json``)."""
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def layer_indices(name: str, value: Any) -> int | list[int]:
+    """``layers_to_transform``-style option ``name``: one layer index, or a list of them, each an int >= 0.
+
+    Example:
+        >>> layer_indices("layers_to_transform", (0, 2)), layer_indices("layers_to_transform", 1)
+        ([0, 2], 1)
+    """
+    def is_index(index: Any) -> bool:
+        return isinstance(index, numbers.Integral) and not isinstance(index, bool) and index >= 0
+
+    if is_index(value):
+        return int(value)
+    listed = isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
+    indices = list(value) if listed else []
+    check(listed and all(is_index(index) for index in indices),
+          f"{name} must be a layer index (an int >= 0) or a list of them, got {name}={value!r}")
+    return [int(index) for index in indices]
 
 
 # peft_type -> config class, filled by the method modules (``@register_config``) when they are imported.

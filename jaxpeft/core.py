@@ -10,6 +10,8 @@ function, so every trace of the rewritten apply sees the adapters and the origin
 from __future__ import annotations
 
 import functools
+import os
+import unicodedata
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -30,6 +32,70 @@ BASE = "__base__"  # in a mixed batch: the row runs the base model, no adapter
 
 class AdapterError(ValueError):
     """Variables and adapter do not fit together (missing adapter, duplicate name, wrong shapes, ...)."""
+
+
+# An adapter name becomes a folder name (HF PEFT saves a non-default adapter in ``<folder>/<name>``): at most
+# 255 bytes on most file systems, less the room the staging folder of ``hf_format.save_adapter`` takes.
+MAX_ADAPTER_NAME_BYTES = 200
+RESERVED_ADAPTER_NAMES = {BASE: "runs the base model in a mixed batch"}
+# Unicode categories that never belong in a name: control, format (invisible), surrogate, line and paragraph breaks.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+ADAPTER_NAME_RULE = (f"an adapter name is a non-empty str of at most {MAX_ADAPTER_NAME_BYTES} bytes without path "
+                     "separators, control characters or spaces at either end, other than '.', '..' and "
+                     f"{', '.join(map(repr, RESERVED_ADAPTER_NAMES))} (e.g. 'default', 'my-adapter_2')")
+
+
+def _shown(name: str, limit: int = 60) -> str:
+    """``name`` quoted on one line (control characters escaped), cut after ``limit`` characters."""
+    return repr(name[:limit]) + ("..." if len(name) > limit else "")
+
+
+def _adapter_name_problem(name: str) -> str | None:
+    """What makes the str ``name`` unfit as an adapter name, or None."""
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return "names a folder itself or its parent"
+    if name in RESERVED_ADAPTER_NAMES:
+        return f"is reserved: it {RESERVED_ADAPTER_NAMES[name]}"
+    separator = next((sep for sep in ("/", "\\", os.sep, os.altsep) if sep and sep in name), None)
+    if separator is not None:
+        return f"contains the path separator {separator!r}"
+    if os.path.isabs(name) or os.path.splitdrive(name)[0]:
+        return "is an absolute path"
+    invisible = next((char for char in name if unicodedata.category(char) in _INVISIBLE_CATEGORIES), None)
+    if invisible is not None:
+        return f"contains the control or invisible character U+{ord(invisible):04X}"
+    if name != name.strip():
+        return "begins or ends with a space"
+    size = len(name.encode("utf-8"))
+    if size > MAX_ADAPTER_NAME_BYTES:
+        return f"is {size} bytes long"
+    return None
+
+
+def check_adapter_name(name: Any) -> str:
+    """``name`` if it is fit to name an adapter, else a one-line ``AdapterError`` saying why.
+
+    Adapter names become folder names when adapters are saved (``<folder>/<name>`` for any adapter but
+    ``"default"``, as in HF PEFT), so a name that is a path (``"../x"``, ``"/tmp/x"``, ``"."``) is refused
+    wherever a name enters jaxpeft, as are control characters and the reserved ``"__base__"``.
+
+    Example:
+        >>> from jaxpeft.core import check_adapter_name
+        >>> check_adapter_name("my-adapter_2"), check_adapter_name("é")
+        ('my-adapter_2', 'é')
+        >>> check_adapter_name("../x")
+        Traceback (most recent call last):
+        ...
+        jaxpeft.core.AdapterError: adapter name '../x' contains the path separator '/'; an adapter name is a ...
+    """
+    if not isinstance(name, str):
+        raise AdapterError(f"an adapter name must be a str, not {type(name).__name__}; {ADAPTER_NAME_RULE}")
+    problem = _adapter_name_problem(name)
+    if problem is not None:
+        raise AdapterError(f"adapter name {_shown(name)} {problem}; {ADAPTER_NAME_RULE}")
+    return name
 
 
 class Method(Protocol):
@@ -105,6 +171,7 @@ def init_adapters(key: jax.Array, config: PeftConfig, apply_fn: Callable, variab
         >>> variables["params"]["layers_0"]["lora_A"]["default"].shape
         (4, 2)
     """
+    check_adapter_name(adapter_name)
     method = method_for(config)
     _check_apply_fn(apply_fn)
     params = _params(variables)
@@ -197,6 +264,9 @@ class AdapterMix:
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError("adapter_names must be a list with one adapter name (or '__base__') per example")
         names = tuple(sorted(set(adapter_names)))  # any order of the same names reuses one trace
+        for name in names:
+            if name != BASE:
+                check_adapter_name(name)
         return cls(jnp.asarray([names.index(n) for n in adapter_names], jnp.int32), names)
 
 
@@ -318,7 +388,8 @@ def rewrite(apply_fn: Callable, config: PeftConfig | dict[str, PeftConfig]) -> C
     configs = {"default": config} if isinstance(config, PeftConfig) else dict(config)
     if not configs:
         raise ValueError("rewrite needs at least one config")
-    for each in configs.values():
+    for name, each in configs.items():
+        check_adapter_name(name)
         method_for(each)
     first_name = next(iter(configs))
 
@@ -466,6 +537,41 @@ def unmerge(merged_variables: Any, adapters: Any, config: PeftConfig, adapter_na
     return unflatten_like(flat, merged_variables)
 
 
+def virtual_token_advice(max_tokens: int, num_virtual: int) -> str:
+    """What to lower when ``num_virtual`` virtual tokens (prompt or prefix tuning) and the input overflow a model
+    that takes ``max_tokens`` positions."""
+    if max_tokens <= num_virtual:
+        return "lower num_virtual_tokens"
+    return (f"give at most {max_tokens - num_virtual} tokens (lower max_length, or the prompt and max_new_tokens when "
+            "generating) or lower num_virtual_tokens")
+
+
+def _index_span(indices: list[int]) -> str:
+    """``[0, 1, 2]`` as ``"0..2"``; indices with gaps as a list."""
+    if len(indices) > 2 and indices == list(range(indices[0], indices[-1] + 1)):
+        return f"{indices[0]}..{indices[-1]}"
+    return str(indices)
+
+
+def check_layers_exist(config: Any, trace: Trace) -> None:
+    """A one-line error when the config's ``layers_to_transform`` (or bottleneck ``leave_out``) names a layer index
+    that no module path of the traced model has (with ``layers_pattern``: none after that name)."""
+    pattern = getattr(config, "layers_pattern", None)
+    names = [name for paths in trace.module_virtual_paths.values() for name in paths.values() if name]
+    existing = _targets.layer_indices_of(names, pattern)
+    for option in ("layers_to_transform", "leave_out"):
+        wanted = getattr(config, option, None)
+        if wanted is None:
+            continue
+        missing = sorted(set([wanted] if isinstance(wanted, int) else wanted) - set(existing))
+        if not missing:
+            continue
+        after = f" after layers_pattern={pattern!r}" if pattern else ""
+        layers = f"its layers are {_index_span(existing)}{after}" if existing else f"it has no numbered layers{after}"
+        raise AdapterError(f"{option}={wanted!r} names {'a layer' if len(missing) == 1 else 'layers'} {missing} the "
+                           f"model does not have; {layers}")
+
+
 def resolve_layers(config: Any, trace: Trace, kinds: tuple[str, ...], *, method_name: str) -> dict[Path, Layer]:
     """The layers a config's ``target_modules`` (and ``exclude_modules``, ``layers_to_transform``,
     ``modules_to_save``) select, each with the stack indices it applies to (``Layer.virtual_paths`` restricted).
@@ -474,6 +580,7 @@ def resolve_layers(config: Any, trace: Trace, kinds: tuple[str, ...], *, method_
     of a type the method cannot adapt.
     """
     targets = config.target_modules
+    check_layers_exist(config, trace)
     if targets is None:
         raise AdapterError(f"{method_name} needs target_modules for this model (e.g. target_modules=['query', "
                            f"'value'] or 'all-linear'); modules that exist: {trace.existing_paths()}")

@@ -16,8 +16,10 @@ Everything here returns plain Python or numpy values, so a collated batch goes s
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import numbers
 import os
 import pathlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,6 +39,48 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------------- loading
 
 
+class FileExamples(list):
+    """The examples of a dataset file: a plain list of dicts that also knows the file and each example's line.
+
+    ``path`` is the file as given; ``lines[i]`` is the line where example ``i`` ends (None when unknown, as for a
+    ``.json`` list). ``tokenize`` keeps both, so later errors (``check_labels``) name the file and line.
+    """
+
+    def __init__(self, examples: Sequence[Mapping], path: str, lines: Sequence[int] | None = None):
+        super().__init__(examples)
+        self.path = path
+        self.lines = None if lines is None else list(lines)
+
+
+def example_location(examples: Sequence, index: int) -> str:
+    """How an error names example ``index``: ``"example 3"``, plus its file and line when ``examples`` knows them.
+
+    Example:
+        >>> example_location([{}], 0), example_location(FileExamples([{}, {}], "train.csv", [2, 3]), 1)
+        ('example 0', 'example 1 (train.csv:3)')
+    """
+    path = getattr(examples, "path", None)
+    if path is None:
+        return f"example {index}"
+    lines = getattr(examples, "lines", None)
+    return f"example {index} ({path}" + (f":{lines[index]})" if lines is not None else ")")
+
+
+def _read_text(path: pathlib.Path) -> str:
+    """The file's text, decoded as UTF-8 without a leading byte-order mark (as Excel writes one)."""
+    content = path.read_bytes()
+    try:
+        return content.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line_start = content.rfind(b"\n", 0, error.start) + 1
+        line = content.count(b"\n", 0, error.start) + 1
+        column = len(content[line_start : error.start].decode("utf-8-sig", errors="replace")) + 1
+        raise DataError(
+            f"{path}:{line}:{column}: byte 0x{content[error.start]:02x} is not UTF-8 text; save the file as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8)."
+        ) from None
+
+
 def _infer_column(values: list[str]) -> list[Any]:
     """A CSV column as ints if every value is one, else floats if every value is one, else the strings."""
     for kind in (int, float):
@@ -47,30 +91,29 @@ def _infer_column(values: list[str]) -> list[Any]:
     return values
 
 
-def _load_jsonl(path: pathlib.Path) -> list[dict]:
-    examples = []
-    with path.open(encoding="utf-8") as file:
-        for line_number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{path}:{line_number}: not valid JSON ({error.msg}); each line of a .jsonl file must be one "
-                    "JSON object."
-                ) from None
-            if not isinstance(example, dict):
-                raise DataError(
-                    f"{path}:{line_number}: expected a JSON object per line, got a {type(example).__name__}."
-                )
-            examples.append(example)
-    return examples
+def _load_jsonl(path: pathlib.Path) -> FileExamples:
+    examples, lines = [], []
+    # Text-mode line splitting (\n, \r\n or \r), as when iterating over an open file.
+    for line_number, line in enumerate(io.StringIO(_read_text(path), newline=None), 1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{path}:{line_number}: not valid JSON ({error.msg}); each line of a .jsonl file must be one "
+                "JSON object."
+            ) from None
+        if not isinstance(example, dict):
+            raise DataError(f"{path}:{line_number}: expected a JSON object per line, got a {type(example).__name__}.")
+        examples.append(example)
+        lines.append(line_number)
+    return FileExamples(examples, str(path), lines)
 
 
-def _load_json(path: pathlib.Path) -> list[dict]:
+def _load_json(path: pathlib.Path) -> FileExamples:
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(_read_text(path))
     except json.JSONDecodeError as error:
         raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg}).") from None
     if not isinstance(content, list):
@@ -81,16 +124,16 @@ def _load_json(path: pathlib.Path) -> list[dict]:
     for index, example in enumerate(content):
         if not isinstance(example, dict):
             raise DataError(f"{path}: item {index} is a {type(example).__name__}, not a JSON object.")
-    return content
+    return FileExamples(content, str(path))
 
 
-def _load_csv(path: pathlib.Path, delimiter: str) -> list[dict]:
-    with path.open(encoding="utf-8", newline="") as file:
-        reader = csv.DictReader(file, delimiter=delimiter)
+def _load_csv(path: pathlib.Path, delimiter: str) -> FileExamples:
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+    try:
         header = reader.fieldnames
         if not header:
             raise DataError(f"{path}: no header row; the first line must name the columns.")
-        rows = []
+        rows, lines = [], []
         for row in reader:
             # DictReader files extra fields under the key None and fills missing ones with None.
             if None in row or None in row.values():
@@ -100,15 +143,21 @@ def _load_csv(path: pathlib.Path, delimiter: str) -> list[dict]:
                     "quote fields that contain the delimiter."
                 )
             rows.append(row)
+            lines.append(reader.line_num)
+    except csv.Error as error:
+        raise DataError(f"{path}:{reader.line_num}: not valid {path.suffix[1:].upper()} ({error}).") from None
     columns = {name: _infer_column([row[name] for row in rows]) for name in header}
-    return [{name: columns[name][i] for name in header} for i in range(len(rows))]
+    examples = [{name: columns[name][i] for name in header} for i in range(len(rows))]
+    return FileExamples(examples, str(path), lines)
 
 
-def load_dataset_file(path: str | os.PathLike) -> list[dict]:
+def load_dataset_file(path: str | os.PathLike) -> FileExamples:
     """Reads a ``.jsonl`` (one object per line), ``.json`` (a list of objects), ``.csv`` or ``.tsv`` file.
 
-    CSV columns whose every value is an integer (or a number) are read as ints (floats), like pandas does; other
-    columns stay strings. A bad row is a one-line ``DataError`` naming the file and line.
+    The file must be UTF-8 (a leading byte-order mark is dropped). CSV columns whose every value is an integer (or
+    a number) are read as ints (floats), like pandas does; other columns stay strings. A bad row, bad JSON or a byte
+    that is not UTF-8 is a one-line ``DataError`` naming the file and line (and column). The result is a list that
+    also knows each example's line (``FileExamples``).
 
     Example:
         >>> import pathlib, tempfile
@@ -188,8 +237,10 @@ def as_examples(dataset: Any) -> Sequence[Mapping]:
     if isinstance(dataset, (list, tuple)):
         for index, example in enumerate(dataset):
             if not isinstance(example, Mapping):
-                raise DataError(f"example {index} is a {type(example).__name__}, not a dict of columns.")
-        examples: Sequence[Mapping] = list(dataset)
+                raise DataError(f"{example_location(dataset, index)} is a {type(example).__name__}, not a dict of "
+                                "columns.")
+        examples: Sequence[Mapping] = (FileExamples(dataset, dataset.path, dataset.lines)
+                                       if isinstance(dataset, FileExamples) else list(dataset))
     elif hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
         examples = MapStyleExamples(dataset)
     else:
@@ -290,6 +341,7 @@ def tokenize(
     response_key: str | None = None,
     label2id: Mapping[str, int] | None = None,
     add_eos: bool = True,
+    num_labels: int | None = None,
 ) -> list[dict]:
     """Tokenizes every example of a dataset (any form ``as_examples`` accepts) into features for a collator.
 
@@ -305,7 +357,11 @@ def tokenize(
       ``add_eos`` and the tokenizer has one) and concatenated, so put the separating space or newline inside
       the prompt or the response text as the model's format expects. Prompt tokens get label -100.
 
-    Sequences longer than ``max_length`` are truncated at the end.
+    Sequences longer than ``max_length`` are truncated at the end. Classification labels are checked with
+    ``check_labels`` against ``num_labels`` (the model's number of outputs, when given): a label out of range, a
+    negative one or a fraction where class ids are expected is a ``DataError`` naming the example (and its file
+    and line). With ``num_labels > 1``, whole floats (``1.0``) become ints. The features of a file's examples
+    (``FileExamples``) keep its path and lines.
 
     Example:
         >>> from transformers import BertTokenizer
@@ -322,7 +378,7 @@ def tokenize(
         raise DataError("instruction data needs both prompt_key= and response_key= (or neither).")
     if max_length < 1:
         raise DataError(f"max_length={max_length} must be a positive number of tokens.")
-    features = []
+    features = FileExamples([], examples.path, examples.lines) if isinstance(examples, FileExamples) else []
     for index in range(len(examples)):
         example = examples[index]
         if prompt_key is not None:
@@ -349,7 +405,140 @@ def tokenize(
             else:
                 feature["labels"] = _class_label(value, index, label2id)
         features.append(feature)
+    if label_key is not None and prompt_key is None:
+        token_level = isinstance(examples[0].get(text_key), (list, tuple))
+        check_labels(features, num_labels, "token_cls" if token_level else "seq_cls")
+        if not token_level and num_labels is not None and num_labels > 1:
+            for feature in features:
+                if isinstance(feature["labels"], float):
+                    feature["labels"] = int(feature["labels"])  # check_labels let only whole numbers through
     return features
+
+
+# ------------------------------------------------------------------------------------------------ labels
+
+LABEL_TASKS = ("seq_cls", "token_cls", "causal_lm")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real)  # numpy scalars too
+
+
+def _class_id_problem(label: Any, num_labels: int | None, negative_hint: str) -> str | None:
+    """Why ``label`` is not a class id below ``num_labels`` (None when it is one)."""
+    if not _is_number(label):
+        return f"label {label!r} is a {type(label).__name__}, not an integer class id"
+    if not math.isfinite(label) or not float(label).is_integer():
+        return (f"label {label!r} is not a class id; classification needs integer labels (float labels mean "
+                "regression, which needs a num_labels=1 model)")
+    if label < 0:
+        return f"label {int(label)} is negative; {negative_hint}"
+    if num_labels is not None and label >= num_labels:
+        return (f"label {int(label)} is out of range for {num_labels} classes (0..{num_labels - 1}); fix the label or "
+                "set num_labels to the number of classes")
+    return None
+
+
+def _sequence_label_problem(label: Any, num_labels: int | None) -> str | None:
+    """Why one example's label does not suit a sequence classifier with ``num_labels`` outputs (None if it does)."""
+    if isinstance(label, str):
+        return f"label {label!r} is a string; map label names to ints (tokenize(..., label2id={{...}}))"
+    if isinstance(label, (list, tuple, np.ndarray)):  # multi-label: one 0..1 target per class
+        if num_labels is not None and len(label) != num_labels:
+            return f"the multi-label target has {len(label)} values for {num_labels} classes"
+        bad = next((value for value in label if not (_is_number(value) and 0 <= value <= 1)), None)
+        return None if bad is None else f"multi-label target {bad!r} is not a number in [0, 1]"
+    if num_labels is None or num_labels == 1:  # unknown (the label may be a regression target), or regression
+        if not (_is_number(label) and math.isfinite(label)):
+            model = "" if num_labels is None else ", which a regression (num_labels=1) model needs"
+            return f"label {label!r} is not a finite number{model}"
+        return None
+    return _class_id_problem(label, num_labels, f"class ids run 0..{num_labels - 1}")
+
+
+def _token_labels_problem(labels: Any, num_labels: int | None) -> str | None:
+    """Why one example's per-token labels are not class ids (or -100, ignored) below ``num_labels``."""
+    if not isinstance(labels, (list, tuple, np.ndarray)):
+        return f"labels {labels!r} are not a list with one label per token"
+    hint = f"only {IGNORE_INDEX} (a token the loss skips) may be negative"
+    for position, label in enumerate(labels):
+        problem = None if label == IGNORE_INDEX else _class_id_problem(label, num_labels, hint)
+        if problem is not None:
+            return f"token {position}: {problem}"
+    return None
+
+
+def _indexed_labels(features: Sequence[Mapping]) -> list[tuple[int, Any]]:
+    """``(index, labels)`` of every example that has labels."""
+    labelled = []
+    for index in range(len(features)):
+        feature = features[index]
+        if "labels" in feature or "label" in feature:
+            labelled.append((index, _labels_of(feature, index)))
+    return labelled
+
+
+def _first_label_problem(labelled: list[tuple[int, Any]], num_labels: int | None, task: str) -> tuple[int, str] | None:
+    """``(index, problem)`` of the first example whose labels do not suit the model (None when all do)."""
+    problem_of = _sequence_label_problem if task == "seq_cls" else _token_labels_problem
+    for index, labels in labelled:
+        problem = problem_of(labels, num_labels)
+        if problem is not None:
+            return index, problem
+    return None
+
+
+def _class_ids(labels: Sequence[Any], task: str) -> set | None:
+    """The class ids the examples' labels hold (token labels without -100); None unless every label is a class id
+    (regression targets, multi-label lists)."""
+    if task == "token_cls":
+        labels = [label for tokens in labels for label in tokens if label != IGNORE_INDEX]
+    if not all(_is_number(label) and float(label).is_integer() for label in labels):
+        return None
+    return {int(label) for label in labels}
+
+
+def check_labels(features: Sequence[Mapping], num_labels: int | None, task: str, *, training: bool = False) -> None:
+    """Checks every example's ``labels`` (or ``label``) for a model with ``num_labels`` outputs; a one-line
+    ``DataError`` names the first bad example (and its file and line when ``features`` come from a file).
+
+    ``task`` is ``"seq_cls"``, ``"token_cls"`` or ``"causal_lm"`` (HF's ``"SEQ_CLS"``... too):
+
+    - class ids must be integers (a float is accepted when it is whole, ``1.0``), not negative and below
+      ``num_labels`` (not checked when it is None); token labels (``token_cls``, and ``causal_lm`` labels against
+      ``num_labels=vocab_size``) may also be -100, which the loss skips;
+    - ``num_labels=1`` is regression: every label must be a finite number;
+    - a list label (multi-label) needs ``num_labels`` values in [0, 1];
+    - ``training=True`` also refuses classification data that holds a single class: the classifier would learn
+      nothing.
+
+    Examples without labels are skipped (a causal LM's collator copies ``input_ids``).
+
+    Example:
+        >>> check_labels([{"labels": 0}, {"labels": 1}], 2, "seq_cls", training=True)
+        >>> check_labels([{"labels": 0}, {"labels": 2}], 2, "seq_cls")
+        Traceback (most recent call last):
+        ...
+        jaxpeft.data.DataError: example 1: label 2 is out of range for 2 classes (0..1); fix the label or set \
+num_labels to the number of classes.
+    """
+    task = str(task).lower()
+    if task not in LABEL_TASKS:
+        raise DataError(f"check_labels has no task {task!r}; use one of {', '.join(LABEL_TASKS)}.")
+    if num_labels is not None and not (isinstance(num_labels, numbers.Integral) and num_labels >= 1):
+        raise DataError(f"num_labels={num_labels!r} must be a positive integer (or None when unknown).")
+    labelled = _indexed_labels(features)
+    found = _first_label_problem(labelled, num_labels, task)
+    if found is not None:
+        raise DataError(f"{example_location(features, found[0])}: {found[1]}.")
+    if training and task != "causal_lm" and num_labels != 1:
+        classes = _class_ids([labels for _, labels in labelled], task)
+        if classes is not None and len(classes) == 1:
+            where = f" ({features.path})" if getattr(features, "path", None) else ""
+            raise DataError(
+                f"training data{where} has a single class (every label is {classes.pop()}); a classifier needs at "
+                "least two: check the label column, or train on more of the data."
+            )
 
 
 # ------------------------------------------------------------------------------------------------ padding
@@ -476,10 +665,28 @@ class _PaddingCollator:
         return batch, length
 
 
-class SequenceClassificationCollator(_PaddingCollator):
+class _LabelledCollator(_PaddingCollator):
+    """A padding collator that also checks each batch's labels (``check_labels``) against ``num_labels``, the
+    model's number of outputs (None: unknown)."""
+
+    task = ""
+
+    def __init__(self, tokenizer: Any = None, *, num_labels: int | None = None, **padding: Any):
+        super().__init__(tokenizer, **padding)
+        self.num_labels = num_labels
+
+    def check_batch_labels(self, features: Sequence[Mapping]) -> None:
+        found = _first_label_problem(_indexed_labels(features), self.num_labels, self.task)
+        if found is not None:
+            raise DataError(f"batch item {found[0]}: {found[1]}.")
+
+
+class SequenceClassificationCollator(_LabelledCollator):
     """Pads a batch of tokenized examples; ``labels`` are ``int32 (batch,)`` classes or ``float32`` targets.
 
     Float labels (regression) give ``float32 (batch,)`` and lists (multi-label) ``float32 (batch, num_labels)``.
+    With ``num_labels`` (the model's outputs) every batch's labels are checked as ``check_labels`` does, and for
+    a classifier (``num_labels > 1``) whole floats (``1.0``) become class ids.
 
     Example:
         >>> collate = SequenceClassificationCollator(pad_token_id=0, buckets=(4, 8))
@@ -487,6 +694,8 @@ class SequenceClassificationCollator(_PaddingCollator):
         >>> {name: array.tolist() for name, array in batch.items()}
         {'input_ids': [[2, 4, 5, 3], [2, 6, 3, 0]], 'attention_mask': [[1, 1, 1, 1], [1, 1, 1, 0]], 'labels': [1, 0]}
     """
+
+    task = "seq_cls"
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, np.ndarray]:
         features = _token_features(features, "SequenceClassificationCollator")
@@ -500,6 +709,9 @@ class SequenceClassificationCollator(_PaddingCollator):
                     "(tokenize(..., label2id={...}))."
                 )
             labels.append(_class_label(label, index, None))
+        self.check_batch_labels(features)
+        if self.num_labels is not None and self.num_labels > 1:  # whole floats (checked) are class ids
+            labels = [int(label) if isinstance(label, float) else label for label in labels]
         if all(isinstance(label, int) for label in labels):
             batch["labels"] = np.asarray(labels, dtype=np.int32)
         elif all(isinstance(label, (int, float)) for label in labels):
@@ -511,8 +723,10 @@ class SequenceClassificationCollator(_PaddingCollator):
         return batch
 
 
-class TokenClassificationCollator(_PaddingCollator):
+class TokenClassificationCollator(_LabelledCollator):
     """Pads a batch for token classification: ``labels`` are ``int32 (batch, length)`` with -100 on padding.
+
+    Every batch's labels are checked as ``check_labels`` does (against ``num_labels`` when given).
 
     Example:
         >>> collate = TokenClassificationCollator(pad_token_id=0, buckets=(4,))
@@ -520,6 +734,8 @@ class TokenClassificationCollator(_PaddingCollator):
         >>> batch["input_ids"].tolist(), batch["labels"].tolist()
         ([[2, 4, 3, 0]], [[-100, 1, -100, -100]])
     """
+
+    task = "token_cls"
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, np.ndarray]:
         features = _token_features(features, "TokenClassificationCollator")
@@ -533,6 +749,7 @@ class TokenClassificationCollator(_PaddingCollator):
                     f"({len(feature['input_ids'])}), got {label!r}; tokenize words with their word labels."
                 )
             labels.append(label)
+        self.check_batch_labels(features)
         batch["labels"] = pad_sequences(labels, length, IGNORE_INDEX, side=self.padding_side)
         return batch
 

@@ -24,8 +24,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,10 +35,13 @@ import optax
 
 import jaxpeft
 from jaxpeft import assets, data, evaluation
+from jaxpeft.trainer import plot_history
 
 SENTIMENT_LABELS = {0: "negative", 1: "positive"}
 # Padded lengths for sentences (27 tokens on average): finer than the default buckets, so less padding is computed.
 SENTENCE_BUCKETS = (16, 24, 32, 48, 64)
+SENTIMENT_PLOT_TITLE = "LoRA fine-tuning of all-MiniLM-L6-v2 on Rotten Tomatoes sentences"
+CAUSAL_LM_PLOT_TITLE = "LoRA tuning of SmolLM2-135M-Instruct on BBC News articles"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +63,10 @@ class SentimentRecipe:
     model_dropout: float = 0.0  # BERT's hidden and attention dropout; random masks cost a lot of time on a CPU
     target_modules: tuple[str, ...] = ("query", "key", "value", "dense")
     max_length: int = 64  # tokens; 99% of the sentences have at most 55
-    validation_size: int = 512  # training sentences held back to watch accuracy during training
-    eval_every: int = 100
+    # training sentences held back to watch accuracy during training (python -m jaxpeft.assets --write-rotten-tomatoes
+    # writes the same split)
+    validation_size: int = assets.ROTTEN_TOMATOES_VALIDATION
+    eval_every: int = 50
     train_limit: int | None = None  # use only this many training / test sentences (for quick runs)
     test_limit: int | None = None
 
@@ -238,12 +241,27 @@ def token_blocks(texts: Sequence[str], tokenizer: Any, block_size: int, *, max_b
     return [{"input_ids": stream[i * block_size:(i + 1) * block_size]} for i in range(count)]
 
 
-def _fresh_run_folder(folder: pathlib.Path) -> None:
-    """A run starts from scratch: checkpoints of an earlier demo run in ``folder`` are removed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    stale = folder / "checkpoints"
-    if stale.exists():
-        shutil.rmtree(stale)
+def _labels(features: Sequence[dict]) -> np.ndarray:
+    return np.array([feature["labels"] for feature in features])
+
+
+def _scores(predictions: np.ndarray, labels: np.ndarray) -> dict:
+    return {"accuracy": evaluation.accuracy(predictions, labels), "f1": evaluation.f1_score(predictions, labels)}
+
+
+def frozen_encoder_baseline(folder: str, fit_features: Sequence[dict], validation_features: Sequence[dict],
+                            test_features: Sequence[dict], *, max_length: int) -> dict:
+    """The baseline: a logistic-regression probe on the frozen encoder's mean-pooled embeddings, fitted on the
+    sentences LoRA trains on; its ``{"accuracy", "f1"}`` on the validation sentences (the line drawn in the training
+    curves) and on the test sentences (the number reported)."""
+    from jaxpeft.models import AutoModel
+
+    encoder = AutoModel.from_pretrained(folder, scan_layers=True)
+    fit, validation, test = [mean_pooled_embeddings(encoder, features, max_length=max_length, buckets=SENTENCE_BUCKETS)
+                             for features in (fit_features, validation_features, test_features)]
+    predict = train_linear_probe(fit, _labels(fit_features))
+    return {"validation": _scores(predict(validation), _labels(validation_features)),
+            "test": _scores(predict(test), _labels(test_features))}
 
 
 def _listing(folder: pathlib.Path) -> str:
@@ -271,11 +289,11 @@ def sentiment_demo(output_dir: str | os.PathLike, recipe: SentimentRecipe = Sent
     """
     import transformers
 
-    from jaxpeft.models import AutoModel, AutoModelForSequenceClassification
+    from jaxpeft.models import AutoModelForSequenceClassification
 
     started = time.perf_counter()
     output_dir = pathlib.Path(output_dir)
-    _fresh_run_folder(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)  # the Trainer (overwrite_output_dir) replaces an earlier run
     folder = assets.minilm_folder()
     train, test = assets.rotten_tomatoes(seed=seed)
     train, test = train[:recipe.train_limit], test[:recipe.test_limit]
@@ -284,23 +302,17 @@ def sentiment_demo(output_dir: str | os.PathLike, recipe: SentimentRecipe = Sent
     test_features = sorted_by_length(data.tokenize(test, tokenizer, max_length=recipe.max_length))
     fit_features = train_features[recipe.validation_size:]
     validation_features = sorted_by_length(train_features[:recipe.validation_size])
-    test_labels = np.array([feature["labels"] for feature in test_features])
     positive = sum(example["label"] for example in train + test)
     _say(f"Rotten Tomatoes sentences: {len(train)} train ({len(validation_features)} of them held back for "
          f"validation), {len(test)} test; {positive / len(train + test):.1%} positive")
 
     _say("\n1. Baseline: logistic regression on the frozen encoder's mean-pooled sentence embeddings")
-    encoder = AutoModel.from_pretrained(folder, scan_layers=True)
-    train_embeddings, test_embeddings = (
-        mean_pooled_embeddings(encoder, features, max_length=recipe.max_length, buckets=SENTENCE_BUCKETS)
-        for features in (train_features, test_features))
-    del encoder
-    predict = train_linear_probe(train_embeddings, [feature["labels"] for feature in train_features])
-    baseline_predictions = predict(test_embeddings)
-    baseline = {"accuracy": evaluation.accuracy(baseline_predictions, test_labels),
-                "f1": evaluation.f1_score(baseline_predictions, test_labels)}
-    _say(f"   frozen encoder + linear probe: test accuracy {baseline['accuracy']:.4f}, F1 {baseline['f1']:.4f} "
-         f"({time.perf_counter() - started:.0f} s so far)")
+    baselines = frozen_encoder_baseline(folder, fit_features, validation_features, test_features,
+                                        max_length=recipe.max_length)
+    baseline = baselines["test"]
+    _say(f"   frozen encoder + linear probe: test accuracy {baseline['accuracy']:.4f}, F1 {baseline['f1']:.4f}; "
+         f"validation accuracy {baselines['validation']['accuracy']:.4f} ({time.perf_counter() - started:.0f} s "
+         "so far)")
 
     _say(f"\n2. LoRA (r={recipe.r}) on {', '.join(recipe.target_modules)} + a new classifier head, "
          f"{recipe.steps} steps of {recipe.batch_size} sentences")
@@ -309,7 +321,8 @@ def sentiment_demo(output_dir: str | os.PathLike, recipe: SentimentRecipe = Sent
         hidden_dropout_prob=recipe.model_dropout, attention_probs_dropout_prob=recipe.model_dropout,
         scan_layers=True, seed=seed)
     config = jaxpeft.LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                                target_modules=list(recipe.target_modules), task_type="SEQ_CLS")
+                                target_modules=list(recipe.target_modules), task_type="SEQ_CLS",
+                                base_model_name_or_path=folder)
     peft_model = jaxpeft.get_peft_model(model, config, seed=seed)
     _say(f"   {jaxpeft.count_parameters(peft_model.params, peft_model.trainable_mask)}")
     args = jaxpeft.TrainingArguments(
@@ -317,7 +330,7 @@ def sentiment_demo(output_dir: str | os.PathLike, recipe: SentimentRecipe = Sent
         per_device_eval_batch_size=128, learning_rate=recipe.learning_rate, warmup_ratio=0.06, weight_decay=0.01,
         logging_steps=max(1, min(10, recipe.eval_every)), eval_strategy="steps", eval_steps=recipe.eval_every,
         save_strategy="steps", save_steps=recipe.steps, save_total_limit=1, group_by_length=True,
-        max_length=recipe.max_length, seed=seed, disable_tqdm=not progress)
+        max_length=recipe.max_length, seed=seed, disable_tqdm=not progress, overwrite_output_dir=True)
     collate = data.SequenceClassificationCollator(tokenizer, buckets=SENTENCE_BUCKETS, max_length=recipe.max_length)
     trainer = jaxpeft.Trainer(model=peft_model, args=args, train_dataset=fit_features,
                               eval_dataset=validation_features, data_collator=collate,
@@ -325,7 +338,10 @@ def sentiment_demo(output_dir: str | os.PathLike, recipe: SentimentRecipe = Sent
     trained = trainer.train()
     validation = [r for r in trainer.log_history if "eval_accuracy" in r]
     _say(f"   trained in {trained.metrics['train_runtime']:.0f} s; validation accuracy by step: "
-         + ", ".join(f"{r['step']}: {r['eval_accuracy']:.3f}" for r in validation))
+         + ", ".join(f"{r['step']}: {r['eval_accuracy']:.3f}" for r in validation)
+         + f" (frozen-encoder probe: {baselines['validation']['accuracy']:.3f})")
+    plot_history(trainer.log_history, output_dir / "training_curves.png", title=SENTIMENT_PLOT_TITLE,
+                 baselines={"eval_accuracy": {"frozen-encoder probe": baselines["validation"]["accuracy"]}})
     test_metrics = trainer.evaluate(test_features, metric_key_prefix="test")
     fine_tuned = {"accuracy": test_metrics["test_accuracy"], "f1": test_metrics["test_f1"]}
     adapter_dir = output_dir / "adapter"
@@ -346,6 +362,8 @@ def sentiment_demo(output_dir: str | os.PathLike, recipe: SentimentRecipe = Sent
                "test_sentences": len(test_features), "steps": trained.global_step,
                "test": {"baseline_accuracy": baseline["accuracy"], "baseline_f1": baseline["f1"],
                         "fine_tuned_accuracy": fine_tuned["accuracy"], "fine_tuned_f1": fine_tuned["f1"]},
+               "validation": {"baseline_accuracy": baselines["validation"]["accuracy"],
+                              "fine_tuned_accuracy": validation[-1]["eval_accuracy"] if validation else None},
                "seconds": round(time.perf_counter() - started, 1), "recipe": dataclasses.asdict(recipe)}
     _write_json(output_dir / "results.json", results)
     _say(f"   outputs in {output_dir}/: {_listing(output_dir)}")
@@ -371,7 +389,7 @@ def causal_lm_demo(output_dir: str | os.PathLike, recipe: CausalLMRecipe = Causa
 
     started = time.perf_counter()
     output_dir = pathlib.Path(output_dir)
-    _fresh_run_folder(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)  # the Trainer (overwrite_output_dir) replaces an earlier run
     gguf_path = assets.smollm2_gguf()
     train, test = assets.bbc_news(seed=seed)
     tokenizer = load_gguf_tokenizer(gguf_path)
@@ -394,16 +412,19 @@ def causal_lm_demo(output_dir: str | os.PathLike, recipe: CausalLMRecipe = Causa
     _say(f"\n2. LoRA (r={recipe.r}) on {', '.join(recipe.target_modules)}, {recipe.steps} steps of "
          f"{recipe.batch_size} x {recipe.block_size} tokens")
     config = jaxpeft.LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                                target_modules=list(recipe.target_modules), task_type="CAUSAL_LM")
+                                target_modules=list(recipe.target_modules), task_type="CAUSAL_LM",
+                                base_model_name_or_path=gguf_path)
     peft_model = jaxpeft.get_peft_model(model, config, seed=seed)
     _say(f"   {jaxpeft.count_parameters(peft_model.params, peft_model.trainable_mask)}")
     args = jaxpeft.TrainingArguments(
         output_dir=str(output_dir), max_steps=recipe.steps, per_device_train_batch_size=recipe.batch_size,
         learning_rate=recipe.learning_rate, warmup_ratio=0.1, lr_scheduler_type="cosine",
         logging_steps=max(1, min(5, recipe.steps)), save_strategy="steps", save_steps=recipe.steps,
-        save_total_limit=1, max_length=recipe.block_size, seed=seed, disable_tqdm=not progress)
+        save_total_limit=1, max_length=recipe.block_size, seed=seed, disable_tqdm=not progress,
+        overwrite_output_dir=True)
     trainer = jaxpeft.Trainer(model=peft_model, args=args, train_dataset=blocks, tokenizer=tokenizer)
     trained = trainer.train()
+    plot_history(trainer.log_history, output_dir / "training_curves.png", title=CAUSAL_LM_PLOT_TITLE)
     after = evaluation.perplexity(peft_model, eval_batches)
     adapter_dir = output_dir / "adapter"
     trainer.save_model(adapter_dir)
@@ -445,7 +466,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, help="peak learning rate of each demo that runs")
     parser.add_argument("--seed", type=int, default=0, help="data split, adapter init, dropout and batch order")
     parser.add_argument("--quick", action="store_true", help="tiny settings (a few examples and steps): a smoke test")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no training progress (a bar on a terminal, a line every ~30 s otherwise)")
     return parser
 
 
@@ -474,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     sentiment = _recipe(QUICK_SENTIMENT if quick else SentimentRecipe(), arguments)
     causal_lm = _recipe(QUICK_CAUSAL_LM if quick else CausalLMRecipe(), arguments)
     output_dir = pathlib.Path(arguments.output_dir)
-    progress = not arguments.no_progress and sys.stderr.isatty()
+    progress = not arguments.no_progress
     started = time.perf_counter()
     try:
         if not arguments.causal_lm:  # a missing asset fails now, not after the first demo

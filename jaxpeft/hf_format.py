@@ -52,10 +52,10 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from jaxpeft import _targets
+from jaxpeft import _targets, outputs
 from jaxpeft._tracing import Layer, Trace, trace_layers
 from jaxpeft.config import CONFIG_CLASSES, ConfigError, PeftConfig, config_class
-from jaxpeft.core import AdapterError, Method, init_adapters, method_for
+from jaxpeft.core import AdapterError, Method, check_adapter_name, init_adapters, method_for
 from jaxpeft.methods.lora import MAGNITUDE, kernel_axes
 from jaxpeft.tree import (
     ADAPTER_KEYS,
@@ -69,6 +69,9 @@ from jaxpeft.tree import (
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+DEFAULT_ADAPTER = "default"  # saved in the folder itself; any other adapter in ``<folder>/<name>``
+# The default adapter's files at the top of a folder (torch PEFT's pickled weights too): never a sub-folder's name.
+_TOP_LEVEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin")
 KEY_PREFIX = "base_model.model."
 PROMPT_KEY_PREFIX = "base_model."  # torch PEFT's prompt-learning models hold the transformers model directly
 
@@ -423,6 +426,46 @@ def _bias_keys(config: PeftConfig, base_slots: dict[str, _Slot]) -> list[str]:
 
 # ----- save -----
 
+def _sub_folder_problem(folder: str, sub_folder: str) -> str | None:
+    """What makes ``sub_folder`` unfit to hold a non-default adapter of ``folder``, or None: it must resolve (links
+    followed) strictly inside ``folder``, off the default adapter's files, and not be a file already."""
+    root = os.path.realpath(folder)
+    resolved = os.path.realpath(sub_folder)
+    if resolved == root or os.path.commonpath([root, resolved]) != root:
+        return f"it resolves to {resolved}, which is not a folder inside {folder}"
+    top = os.path.relpath(resolved, root).split(os.sep)[0]
+    if top.casefold() in {name.casefold() for name in _TOP_LEVEL_FILES}:
+        return f"it would replace the default adapter's {top}"
+    if os.path.lexists(sub_folder) and not os.path.isdir(sub_folder):
+        return "a file of that name is in the way"
+    return None
+
+
+def adapter_folder(folder: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> str:
+    """Where ``save_adapter`` writes the named adapter: ``folder`` for ``"default"``, ``folder/<adapter_name>`` for
+    any other (HF PEFT's layout), after checking the name (``jaxpeft.core.check_adapter_name``) and that the
+    sub-folder stays inside ``folder`` and off the default adapter's files. A one-line ``AdapterError`` otherwise.
+
+    Example:
+        >>> from jaxpeft.hf_format import adapter_folder
+        >>> adapter_folder("out"), adapter_folder("out", "b")
+        ('out', 'out/b')
+        >>> adapter_folder("out", "adapter_config.json")
+        Traceback (most recent call last):
+        ...
+        jaxpeft.core.AdapterError: cannot save adapter 'adapter_config.json' in out/adapter_config.json: it would ...
+    """
+    folder = os.fspath(folder)
+    check_adapter_name(adapter_name)
+    if adapter_name == DEFAULT_ADAPTER:
+        return folder
+    sub_folder = os.path.join(folder, adapter_name)
+    problem = _sub_folder_problem(folder, sub_folder)
+    if problem is not None:
+        raise AdapterError(f"cannot save adapter {adapter_name!r} in {sub_folder}: {problem}")
+    return sub_folder
+
+
 def _check_adapter_present(variables: Any, flat: dict[Path, Any], config: PeftConfig, method: Method,
                            adapter_name: str) -> None:
     own_keys = set(method.leaf_keys) | set(getattr(method, "optional_leaf_keys", ()))
@@ -442,6 +485,9 @@ def _write_folder(folder: str, hf_dict: dict[str, Any], tensors: dict[str, np.nd
             json.dump(hf_dict, file, indent=2, sort_keys=True)
             file.write("\n")
         safetensors.numpy.save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
+        outputs.follow_umask(staging, folder=True)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            outputs.follow_umask(os.path.join(staging, name), folder=False)
         if not os.path.exists(folder):
             os.rename(staging, folder)
         else:
@@ -459,8 +505,9 @@ def save_adapter(folder: str | os.PathLike, variables: Any, config: PeftConfig, 
     ``apply_fn(variables, *sample_args, **sample_kwargs)`` is traced once (``jax.eval_shape``, nothing is
     computed) to name the adapted layers the Hugging Face way. The folder gets ``adapter_config.json`` and
     ``adapter_model.safetensors``; an adapter not named ``"default"`` goes to ``<folder>/<adapter_name>`` as in HF
-    PEFT. Both files are written to a temporary folder first and moved in place, so an error leaves nothing
-    half-written. Returns the folder written.
+    PEFT, checked to stay inside ``folder`` (``adapter_folder``) before anything is written. Both files are written
+    to a temporary folder first and moved in place, so an error leaves nothing half-written. Returns the folder
+    written.
 
     Example:
         >>> import json, os, tempfile, jax, jax.numpy as jnp, flax.linen as nn, jaxpeft
@@ -482,6 +529,7 @@ def save_adapter(folder: str | os.PathLike, variables: Any, config: PeftConfig, 
         >>> {k: v.shape for k, v in load_file(os.path.join(folder, "adapter_model.safetensors")).items()}
         {'base_model.model.layers_2.bitfit_bias': (2,)}
     """
+    target = adapter_folder(folder, adapter_name)
     hf_dict = config_to_hf_dict(config)
     hf_dict["inference_mode"] = True  # as HF PEFT writes it
     method = method_for(config)
@@ -502,17 +550,14 @@ def save_adapter(folder: str | os.PathLike, variables: Any, config: PeftConfig, 
                 raise AdapterError(f"{config.peft_type}'s hf_tensors names {name!r}, which the adapter already uses")
             tensors[name] = np.ascontiguousarray(np.asarray(jax.device_get(value)))
 
-    folder = os.fspath(folder)
-    if adapter_name != "default":
-        folder = os.path.join(folder, adapter_name)
-    _write_folder(folder, hf_dict, tensors)
-    return folder
+    _write_folder(target, hf_dict, tensors)
+    return target
 
 
 # ----- load -----
 
 def _adapter_files(folder: str, adapter_name: str) -> tuple[str, str]:
-    candidates = [folder] + ([os.path.join(folder, adapter_name)] if adapter_name != "default" else [])
+    candidates = [folder] + ([os.path.join(folder, adapter_name)] if adapter_name != DEFAULT_ADAPTER else [])
     for candidate in candidates:
         if os.path.isfile(os.path.join(candidate, CONFIG_NAME)):
             weights = os.path.join(candidate, WEIGHTS_NAME)
@@ -540,11 +585,36 @@ def _read_config(path: str) -> PeftConfig:
         raise ConfigError(f"{path}: {error}") from error
 
 
-def _read_tensors(path: str, prefix: str) -> dict[str, np.ndarray]:
+def _load_safetensors(path: str) -> dict[str, tuple[str, np.ndarray]]:
+    """``{key: (safetensors dtype such as "F32", array)}`` of a file; bfloat16 tensors come as ml_dtypes arrays."""
+    from jaxpeft.models import hub
+
+    problem = hub.safetensors_problem(path)
+    if problem is not None:
+        raise AdapterError(f"{path}: {problem}")
     try:
-        tensors = safetensors.numpy.load_file(path)
-    except (safetensors.SafetensorError, OSError, ValueError) as error:
+        with safetensors.safe_open(path, framework="flax") as file:
+            return {key: (file.get_slice(key).get_dtype(), np.asarray(file.get_tensor(key))) for key in file.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError, TypeError, AttributeError) as error:
         raise AdapterError(f"{path}: not a readable safetensors file ({error})") from error
+
+
+def _tensor_problem(dtype: str, value: np.ndarray) -> str | None:
+    """What makes a tensor of an adapter file unfit to load, or None: adapter weights are finite floats."""
+    if not (dtype.startswith("F") or dtype == "BF16"):
+        return f"holds {dtype} values, not floating point ones"
+    if not np.isfinite(value).all():
+        return "holds NaN or infinite values"
+    return None
+
+
+def _read_tensors(path: str, prefix: str) -> dict[str, np.ndarray]:
+    tensors = {}
+    for key, (dtype, value) in _load_safetensors(path).items():
+        problem = _tensor_problem(dtype, value)
+        if problem is not None:
+            raise AdapterError(f"{path}: tensor {key!r} {problem}; the adapter was not loaded")
+        tensors[key] = value
     by_name: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
         name = key.removeprefix(prefix)
@@ -581,8 +651,9 @@ def load_adapter(folder: str | os.PathLike, apply_fn: Callable, variables: Any, 
     PEFT saves along (trained biases with ``bias="all"``/``"lora_only"``, an adapted embedding's
     ``base_layer.weight``) replace the base weights in the result, as in torch. ``modules_to_save`` keeps the names
     this model has (a ``SEQ_CLS`` adapter lists both ``classifier`` and ``score``). ``variables`` is not changed.
-    Anything that does not fit (files, ``peft_type``, options, tensor names or shapes) is a one-line error and
-    nothing is loaded. Run the result with ``jaxpeft.rewrite(apply_fn, {adapter_name: config})``.
+    Anything that does not fit (files, ``peft_type``, options, tensor names or shapes, tensors that are not floating
+    point or hold NaN or infinite values) is a one-line error and nothing is loaded. Run the result with
+    ``jaxpeft.rewrite(apply_fn, {adapter_name: config})``.
 
     Example:
         >>> import tempfile, jax, jax.numpy as jnp, flax.linen as nn, jaxpeft
@@ -600,6 +671,7 @@ def load_adapter(folder: str | os.PathLike, apply_fn: Callable, variables: Any, 
         >>> bool(jnp.allclose(apply(loaded, x), jaxpeft.rewrite(model.apply, config)(trained, x)))
         True
     """
+    check_adapter_name(adapter_name)
     config_path, weights_path = _adapter_files(os.fspath(folder), adapter_name)
     config = _read_config(config_path)
     method = method_for(config)

@@ -27,6 +27,7 @@ def _sample_inputs(model) -> dict:
 
 
 HEAD_TASKS = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS"}
+_MIXED = object()  # the key of the mixed-batch runner among the runners by adapter name (no name can equal it)
 
 
 def _with_task_defaults(config: PeftConfig, model) -> PeftConfig:
@@ -72,6 +73,7 @@ class PeftModel:
     """
 
     def __init__(self, model, config: PeftConfig | None, adapter_name: str = "default", seed: int = 0):
+        core.check_adapter_name(adapter_name)
         self.base_model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self.params = model.params
@@ -87,9 +89,13 @@ class PeftModel:
 
     def add_adapter(self, adapter_name: str, config: PeftConfig, seed: int = 0) -> None:
         """Adds a new adapter (not made active: ``set_adapter`` does that)."""
+        core.check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; choose another name or delete_adapter it")
         config = _with_task_defaults(config, self.base_model)
+        if config.base_model_name_or_path is None:  # as HF PEFT: torch's AutoPeftModel finds the base model by it
+            name = getattr(self.base_model.config, "name_or_path", "") or None
+            config = dataclasses.replace(config, base_model_name_or_path=name)
         method = core.method_for(config)
         if hasattr(method, "prepare"):  # e.g. prompt learning: num_layers, token_dim, ... from the model's config
             config = method.prepare(config, self.base_model)
@@ -117,8 +123,8 @@ class PeftModel:
             self.active_adapter = next(iter(self.peft_config), None)
 
     def _check_name(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        if not isinstance(adapter_name, str) or adapter_name not in self.peft_config:
+            raise core.AdapterError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -176,17 +182,18 @@ class PeftModel:
         names = list(adapter_names)
         if len(names) != batch_size:
             raise ValueError(f"adapter_names has {len(names)} names for a batch of {batch_size}; give one per example")
+        mix = core.AdapterMix.of(names)
         unknown = sorted({n for n in names if n != core.BASE and n not in self.peft_config})
         if unknown:
             raise ValueError(f"adapter_names mentions {unknown}, which are not adapters of this model; adapters: "
                              f"{sorted(self.peft_config)} (or '{core.BASE}' for the base model)")
-        if "__mixed__" not in self._runners:
+        if _MIXED not in self._runners:
             base = self.base_model
             runner = PretrainedModel(base.module, self.params, base.config, base.family, base.head)
             runner.apply_fn = core.rewrite(base.apply_fn, self.peft_config)
             runner._accepted = runner._accepted | {"adapter_name"}
-            self._runners["__mixed__"] = runner
-        return self._runners["__mixed__"], core.AdapterMix.of(names)
+            self._runners[_MIXED] = runner
+        return self._runners[_MIXED], mix
 
     def __call__(self, *args, params: Any = None, adapter_names: Any = None, **kwargs):
         """Runs the model with the active adapter; arguments as for the base model.
@@ -220,6 +227,7 @@ class PeftModel:
         as HF PEFT; see ``jaxpeft.weighted_adapter``). It is not made active: ``set_adapter`` does that."""
         from jaxpeft import weighted_adapter
 
+        core.check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; choose another name or delete_adapter it")
         self.params, config = weighted_adapter.add_weighted_adapter(
@@ -232,11 +240,18 @@ class PeftModel:
     # ----- files in the HF PEFT format -----
 
     def save_pretrained(self, folder: str, selected_adapters: list[str] | None = None) -> None:
-        """Writes each adapter as HF PEFT does: ``default`` in ``folder``, any other in ``folder/<name>``."""
+        """Writes each adapter as HF PEFT does: ``default`` in ``folder``, any other in ``folder/<name>``.
+
+        Every adapter's folder is checked to lie inside ``folder`` (off the default adapter's files) before
+        anything is written (``jaxpeft.hf_format.adapter_folder``).
+        """
         from jaxpeft import hf_format
 
-        for name in selected_adapters or list(self.peft_config):
+        names = selected_adapters or list(self.peft_config)
+        for name in names:
             self._check_name(name)
+            hf_format.adapter_folder(folder, name)
+        for name in names:
             hf_format.save_adapter(folder, self.params, self.peft_config[name], self.base_model.apply_fn,
                                    adapter_name=name, **_sample_inputs(self.base_model))
 
@@ -244,12 +259,15 @@ class PeftModel:
         """Adds the adapter saved in ``folder`` (HF PEFT format, written by jaxpeft or torch PEFT)."""
         from jaxpeft import hf_format
 
+        core.check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; choose another name or delete_adapter it")
         params, config = hf_format.load_adapter(folder, self.base_model.apply_fn, self.params,
                                                 adapter_name=adapter_name, **_sample_inputs(self.base_model))
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        # Nothing above changed the model: a failed load leaves it as it was.
         self.params = params
-        self.peft_config[adapter_name] = dataclasses.replace(config, inference_mode=not is_trainable)
+        self.peft_config[adapter_name] = config
         self.adapter_folders[adapter_name] = os.fspath(folder)
         self._runners.clear()
 
@@ -265,7 +283,7 @@ class PeftModel:
 
     def merge_and_unload(self, adapter_name: str | None = None):
         """A plain model (same class as the base) with the adapter merged into its weights."""
-        name = adapter_name or self.active_adapter
+        name = self.active_adapter if adapter_name is None else adapter_name
         self._check_name(name)
         return self._plain_model(core.merge(self.params, self.peft_config[name], name))
 

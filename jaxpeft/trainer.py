@@ -34,12 +34,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
+import numbers
 import os
 import pathlib
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -49,8 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft import data as data_lib
-from jaxpeft import pipelines, sharding, training
+from jaxpeft import outputs, pipelines, sharding, training
 from jaxpeft.tree import ADAPTER_KEYS, combine, partition
+
+logger = logging.getLogger("jaxpeft")
 
 STRATEGIES = ("no", "steps", "epoch")
 TEXT_COLUMNS = ("text", "sentence", "content")
@@ -140,23 +144,13 @@ class TrainingArguments:
     def __post_init__(self):
         self.output_dir = os.fspath(self.output_dir)
         sharding.parse_mesh(self.mesh)
-        positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                    "logging_steps", "save_steps")
-        for name in positive:
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"TrainingArguments.{name} must be an int >= 1, got {value!r}")
+        for field in dataclasses.fields(self):
+            _check_argument(field.name, getattr(self, field.name), field.type)
         for name in ("eval_strategy", "save_strategy"):
             if getattr(self, name) not in STRATEGIES:
                 raise ValueError(f"TrainingArguments.{name}={getattr(self, name)!r}; use one of {list(STRATEGIES)}")
         if self.lr_scheduler_type not in training.SCHEDULES:
             raise ValueError(f"lr_scheduler_type={self.lr_scheduler_type!r}; use one of {list(training.SCHEDULES)}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if self.max_steps <= 0 and not self.num_train_epochs > 0:
-            raise ValueError("give num_train_epochs > 0 or max_steps > 0: nothing says how long to train")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.eval_steps is None:
             self.eval_steps = self.logging_steps
         if self.metric_for_best_model is None and self.load_best_model_at_end:
@@ -188,6 +182,37 @@ class TrainingArguments:
 
 # ----------------------------------------------------------------------------------------------- helpers
 
+# The values each numeric TrainingArguments field may take, and how to say it.
+_ARGUMENT_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "save_steps", "eval_steps", "save_total_limit", "max_length"),
+                    (lambda value: value >= 1, ">= 1")),
+    "max_steps": (lambda value: value == -1 or value >= 1, "-1 (train for num_train_epochs) or >= 1"),
+    **dict.fromkeys(("num_train_epochs", "learning_rate", "adam_epsilon"), (lambda value: value > 0, "> 0")),
+    **dict.fromkeys(("weight_decay", "max_grad_norm", "warmup_steps", "seed", "data_seed"),
+                    (lambda value: value >= 0, ">= 0")),
+    **dict.fromkeys(("adam_beta1", "adam_beta2", "warmup_ratio"), (lambda value: 0 <= value < 1, "in [0, 1)")),
+}
+_ANNOTATED_TYPES = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,), "str": (str,),
+                    "dict": (dict,)}
+
+
+def _check_argument(name: str, value: Any, annotation: str) -> None:
+    """Raises a one-line ValueError when a TrainingArguments field has a value of the wrong type (``annotation``,
+    e.g. ``"int | None"``), a float that is not finite, or a number outside ``_ARGUMENT_RANGES``."""
+    if value is None and "None" in annotation:
+        return
+    kinds = [kind for part in annotation.split("|") for kind in _ANNOTATED_TYPES.get(part.strip(), ())]
+    wrong_type = isinstance(value, bool) and bool not in kinds or not isinstance(value, tuple(kinds))
+    if kinds and wrong_type:
+        raise ValueError(f"TrainingArguments.{name} must be of type {annotation}, got {value!r}")
+    if isinstance(value, numbers.Real) and not math.isfinite(value):
+        raise ValueError(f"TrainingArguments.{name} must be a finite number, got {value!r}")
+    check, expected = _ARGUMENT_RANGES.get(name, (None, ""))
+    if check is not None and not check(value):
+        raise ValueError(f"TrainingArguments.{name} must be {expected}, got {value!r}")
+
+
 
 def _pad_token_id(tokenizer: Any, model_config: Any) -> int:
     for source in (tokenizer, model_config):
@@ -214,7 +239,8 @@ def default_collator(task: str, tokenizer: Any = None, model_config: Any = None,
                  "causal_lm": data_lib.CausalLMCollator}
     if task not in collators:
         raise ValueError(f"no default collator for task {task!r}; pass data_collator=")
-    return collators[task](pad_token_id=pad, max_length=max_length)
+    classes = {} if task == "causal_lm" else {"num_labels": getattr(model_config, "num_labels", None)}
+    return collators[task](pad_token_id=pad, max_length=max_length, **classes)
 
 
 def _raw_text_columns(example: Mapping) -> dict | None:
@@ -267,8 +293,8 @@ def _local_rows(indices: Any) -> Any:
 
 
 def _write_jsonl(path: pathlib.Path, record: Mapping) -> None:
-    with open(path, "a") as file:
-        file.write(json.dumps(record) + "\n")
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(outputs.json_line(record) + "\n")
 
 
 def _read_jsonl(path: pathlib.Path) -> list[dict]:
@@ -278,48 +304,93 @@ def _read_jsonl(path: pathlib.Path) -> list[dict]:
 
 
 def _rewrite_jsonl(path: pathlib.Path, records: list[dict]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
-    os.replace(temporary, path)
+    outputs.write_text(path, "".join(outputs.json_line(record) + "\n" for record in records))
 
 
-def plot_history(log_history: list[dict], path: str | os.PathLike) -> pathlib.Path | None:
-    """Writes a PNG of the training loss and each evaluation metric against the step (None: nothing to plot).
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every float of ``tree`` is finite (one device bool)."""
+    checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+
+def _restore_newest_readable(manager: Any, like: training.TrainState):
+    """The newest checkpoint that can be read; newer damaged ones are set aside (``<step>.damaged``, kept for
+    inspection) with a warning naming each, once an older one restored."""
+    from jaxpeft import checkpoints
+
+    steps = manager.all_steps()
+    if not steps:
+        raise ValueError(f"resume_from_checkpoint=True but {manager.directory} holds no checkpoint; train without it "
+                         "to start fresh")
+    damaged = []
+    for step in reversed(steps):
+        try:
+            restored = manager.restore(like, step)
+        except checkpoints.DamagedCheckpointError as error:
+            damaged.append(error)
+            continue
+        for error in damaged:
+            kept = manager.set_aside(error.step)
+            logger.warning("checkpoint step %d cannot be read (%s); resuming from step %d, the damaged folder is kept "
+                           "as %s", error.step, error.cause, restored.step, kept)
+        return restored
+    raise checkpoints.CheckpointError(f"no checkpoint in {manager.directory} can be read (steps {steps}; the newest: "
+                                      f"{damaged[0]}); start the run afresh with overwrite")
+
+
+class _Window:
+    """The metrics and throughput of the steps since the last log line."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.metrics: list[dict] = []
+        self.examples = self.tokens = 0
+        self.started = time.perf_counter()
+
+    def add(self, metrics: dict, examples: int, batch: Mapping) -> None:
+        self.metrics.append(metrics)
+        self.examples += examples
+        self.tokens += int(np.sum(batch["attention_mask"])) if "attention_mask" in batch else 0
+
+
+@dataclasses.dataclass
+class _Run:
+    """What one call of ``Trainer.train`` works with; ``state`` and ``last_saved`` move on with the steps."""
+
+    features: Any
+    steps_per_epoch: int
+    total_steps: int
+    frozen: Any
+    train_step: Callable
+    mesh: Any
+    manager: Any  # a jaxpeft.checkpoints.CheckpointManager, None without checkpoints
+    progress: Any
+    state: training.TrainState
+    last_saved: int | None = None
+
+
+def plot_history(log_history: list[dict], path: str | os.PathLike, *, baselines: Mapping | None = None,
+                 title: str = "Training curves") -> pathlib.Path | None:
+    """Writes a PNG of the loss (training and evaluation) and each evaluation metric against the step, one panel
+    each with a shared step axis (None: nothing to plot). ``baselines`` maps a log key to a reference value or to
+    ``{label: value}``, drawn as a dashed line in that key's panel (see ``jaxpeft.plots``).
 
     Example:
         >>> import tempfile, pathlib
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     png = plot_history([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0, },
-        ...                         {"step": 2, "eval_loss": 1.5}], pathlib.Path(folder) / "curves.png")
+        ...                         {"step": 2, "eval_loss": 1.5, "eval_accuracy": 0.75}],
+        ...                        pathlib.Path(folder) / "curves.png", baselines={"eval_accuracy": {"probe": 0.7}})
         ...     png.read_bytes()[:4]
         b'\\x89PNG'
     """
-    from matplotlib.figure import Figure  # not pyplot: the caller's backend (e.g. a notebook's inline one) stays
+    from jaxpeft import plots
 
-    train = [(r["step"], r["loss"]) for r in log_history if "loss" in r]
-    eval_names = sorted({k for r in log_history for k in r if k.startswith("eval_") and isinstance(r[k], float)
-                         and not k.endswith(("runtime", "per_second"))})
-    if not train and not eval_names:
-        return None
-    panels = [("training loss", [("loss", train)])] if train else []
-    for name in eval_names:
-        panels.append((name, [(name, [(r["step"], r[name]) for r in log_history if name in r])]))
-    figure = Figure(figsize=(4.5 * len(panels), 3.5))
-    axes = figure.subplots(1, len(panels), squeeze=False)
-    for axis, (title, series) in zip(axes[0], panels, strict=True):
-        for label, points in series:
-            steps, values = zip(*points, strict=True)
-            axis.plot(steps, values, marker="o" if len(points) < 30 else None, label=label)
-        axis.set_title(title)
-        axis.set_xlabel("step")
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=100)
-    os.replace(temporary, path)
-    return path
+    return plots.plot_history(log_history, path, baselines=baselines, title=title)
 
 
 # ------------------------------------------------------------------------------------------------ Trainer
@@ -370,6 +441,7 @@ class Trainer:
         self.output_dir = pathlib.Path(args.output_dir)
         self._prepared: dict[int, Any] = {}
         self._eval_fn = None
+        self._written: set[str] = set()  # entries of output_dir listed in its manifest by this Trainer
 
     # ----- data -----
 
@@ -423,16 +495,13 @@ class Trainer:
         if resume_from_checkpoint in (None, False):
             return None
         if resume_from_checkpoint is True:
-            if manager.latest_step() is None:
-                raise ValueError(f"resume_from_checkpoint=True but {manager.directory} holds no checkpoint; train "
-                                 "without it to start fresh")
-            return manager.restore(like)
+            return _restore_newest_readable(manager, like)
         path = pathlib.Path(resume_from_checkpoint)
         folder, step = (path.parent, int(path.name)) if path.name.isdigit() else (path, None)
         if folder.resolve() == manager.directory.resolve():
             restored = manager.restore(like, step)
         else:
-            with checkpoints.CheckpointManager(folder) as source:
+            with checkpoints.CheckpointManager(folder, read_only=True) as source:
                 restored = source.restore(like, step)
         later = [s for s in manager.all_steps() if s > restored.step]
         if later:
@@ -440,35 +509,51 @@ class Trainer:
                              "from an earlier step would overwrite them: delete them, or resume from the latest")
         return restored
 
-    def _check_no_earlier_checkpoints(self) -> None:
-        """A fresh run would overwrite (and be mixed up with) an earlier run's checkpoints: refuse before any work,
-        unless ``overwrite_output_dir`` says to delete them."""
-        folder = self.output_dir / "checkpoints"
-        steps = sorted(int(path.name) for path in folder.iterdir() if path.name.isdigit()) if folder.is_dir() else []
-        if steps and not self.args.overwrite_output_dir:
-            raise ValueError(f"{folder} holds the checkpoints of an earlier run (steps {steps}); pass "
-                             "resume_from_checkpoint=True to go on, or overwrite_output_dir=True to start afresh")
-
     def _should(self, strategy: str, every: int, step: int, epoch_end: bool) -> bool:
         return (strategy == "steps" and step % every == 0) or (strategy == "epoch" and epoch_end)
 
     def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
         """Trains the model's active adapter; returns ``(global_step, training_loss, metrics)``.
 
-        ``resume_from_checkpoint``: ``True`` for the latest checkpoint in ``output_dir/checkpoints``, or the path
-        of a checkpoint folder (one step's folder or a ``checkpoints`` folder). A loss that is not finite stops the
-        run with ``TrainingStopped``; the model keeps the last good parameters (a non-finite step changes nothing)
-        and the checkpoints on disk stay as they were.
+        ``resume_from_checkpoint``: ``True`` for the newest readable checkpoint in ``output_dir/checkpoints`` (a
+        damaged newer one is set aside as ``<step>.damaged``, with a warning naming it), or the path of a checkpoint
+        folder (one step's folder or a ``checkpoints`` folder). While it trains, the Trainer holds ``output_dir``'s
+        lock (``jaxpeft.outputs``): a second run into the same folder is refused, and so is a fresh run into a folder
+        that holds an earlier run's outputs, unless ``overwrite_output_dir`` (which removes what jaxpeft wrote
+        there, nothing else). A loss that is not finite stops the run with ``TrainingStopped``; the model keeps the
+        last good parameters (a non-finite step changes nothing) and the checkpoints on disk stay as they were; a
+        checkpoint is never written from a state that is not finite.
         """
-        from tqdm import tqdm
-
-        args = self.args
         if self.train_dataset is None:
             raise ValueError("Trainer.train needs train_dataset=")
-        fresh = resume_from_checkpoint in (None, False)
-        if fresh:
-            self._check_no_earlier_checkpoints()
+        writer = outputs.writer_lock(self.output_dir) if jax.process_index() == 0 else contextlib.nullcontext()
+        with writer as outermost:
+            if outermost:  # else ``jaxpeft train`` holds the lock and has started the run
+                outputs.check_run(self.output_dir, resume=resume_from_checkpoint not in (None, False),
+                                  overwrite=self.args.overwrite_output_dir)
+            started = time.perf_counter()
+            run = self._start(resume_from_checkpoint, start=bool(outermost))
+            try:
+                losses = self._loop(run)
+                self._keep_final_parameters(run)
+            except BaseException as failure:
+                self._close(run, failure)
+                raise
+            self._close(run, None)
+        step = int(run.state.step)
+        training_loss = float(np.mean(losses)) if losses else float("nan")
+        summary = {"train_runtime": round(time.perf_counter() - started, 4), "train_loss": training_loss,
+                   "epoch": step / run.steps_per_epoch, "step": step}
+        self._log(summary)
+        return TrainOutput(step, training_loss, summary)
+
+    def _start(self, resume_from_checkpoint: Any, start: bool) -> _Run:
+        """The run's data, optimizer, jitted step, checkpoints and state: fresh, or restored from a checkpoint.
+        ``start``: start the run in ``output_dir`` (``outputs.start_run``) once the inputs are checked."""
+        args = self.args
         features = self._features(self.train_dataset)
+        if self.task in ("seq_cls", "token_cls"):
+            data_lib.check_labels(features, self.model.base_model.config.num_labels, self.task, training=True)
         if len(features) < args.train_batch_size:
             raise ValueError(f"the training set has {len(features)} examples, fewer than one batch of "
                              f"{args.train_batch_size} (per_device_train_batch_size x data-parallel devices x "
@@ -492,9 +577,11 @@ class Trainer:
             training.peft_loss_fn(self.model, self.task), optimizer, frozen, schedule=schedule,
             grad_accum_steps=args.gradient_accumulation_steps, compute_dtype="bfloat16" if args.bf16 else None,
             **step_options)
+        if start:
+            outputs.start_run(self.output_dir, resume=resume_from_checkpoint not in (None, False),
+                              overwrite=self.args.overwrite_output_dir)
+            self._written = set(outputs.written(self.output_dir))
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if fresh and args.overwrite_output_dir:
-            shutil.rmtree(self.output_dir / "checkpoints", ignore_errors=True)
         manager = self._checkpoints() if args.save_strategy != "no" or resume_from_checkpoint else None
         restored = self._resume(resume_from_checkpoint, manager, state) if manager is not None else None
         metrics_file = self.output_dir / "metrics.jsonl"
@@ -503,93 +590,122 @@ class Trainer:
             self.log_history = [r for r in _read_jsonl(metrics_file) if r.get("step", 0) <= restored.step]
         if jax.process_index() == 0:
             _rewrite_jsonl(metrics_file, self.log_history)  # a fresh run starts the file anew
-        step = int(state.step)
-        last_saved = step if restored is not None else None
-        window: list[dict] = []
-        losses: list[float] = []
-        examples_seen = tokens_seen = 0
-        started = window_started = time.perf_counter()
-        progress = tqdm(total=total_steps, initial=step, disable=args.disable_tqdm, desc="training", unit="step")
-        unchecked = None  # the last step's metrics and place, its is_finite not read yet
-        proceed: Any = True
+            self._note_written("metrics.jsonl", *(("checkpoints",) if manager is not None else ()))
+        progress = self._progress_bar(total_steps, int(state.step))
+        return _Run(features, steps_per_epoch, total_steps, frozen, train_step, mesh, manager, progress, state,
+                    last_saved=int(state.step) if restored is not None else None)
 
-        def stop_if_not_finite(unchecked):
-            # After a bad step every later step was a no-op (proceed), so ``state`` holds the last good parameters.
-            metrics, number, epoch, batch_index = unchecked
-            if bool(metrics["is_finite"]):
-                return
-            self.state = state
-            self.model.params = training.full_params(state, frozen)
-            kept = f"the last checkpoint is step {last_saved}" if last_saved else "no checkpoint was saved"
-            raise TrainingStopped(
-                f"the loss is {float(metrics['loss'])} at step {number} (epoch {epoch}, batch {batch_index}); "
-                f"training stopped with the parameters of step {number - 1}, {kept}; lower learning_rate or check "
-                "that batch")
+    def _progress_bar(self, total_steps: int, initial: int):
+        from jaxpeft.progress import training_progress
 
-        try:
-            while step < total_steps:
-                epoch, step_in_epoch = divmod(step, steps_per_epoch)
-                for indices in self._batch_indices(features, epoch, step_in_epoch):
-                    batch = self.data_collator([features[int(i)] for i in _local_rows(indices)])
-                    state, metrics = train_step(state, _device_batch(batch, mesh), proceed)
-                    if unchecked is not None:  # read the previous step's flag while this one runs
-                        stop_if_not_finite(unchecked)
-                    proceed, unchecked = metrics["is_finite"], (metrics, step + 1, epoch, step_in_epoch)
-                    step += 1
-                    step_in_epoch += 1
-                    window.append(metrics)
-                    examples_seen += len(indices)
-                    tokens_seen += int(np.sum(batch["attention_mask"])) if "attention_mask" in batch else 0
-                    progress.update(1)
-                    epoch_end = step_in_epoch == steps_per_epoch
-                    log = step % args.logging_steps == 0 or step == total_steps
-                    evaluate = self.eval_dataset is not None and self._should(args.eval_strategy, args.eval_steps,
-                                                                             step, epoch_end)
-                    save = manager is not None and (self._should(args.save_strategy, args.save_steps, step, epoch_end)
-                                                    or step == total_steps)
-                    if log or evaluate or save:
-                        stop_if_not_finite(unchecked)
-                        unchecked = None
-                    if log:
-                        record = self._log_window(window, step, steps_per_epoch, examples_seen, tokens_seen,
-                                                  time.perf_counter() - window_started)
-                        losses.append(record["loss"])
-                        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record.get('learning_rate', 0):.2e}",
-                                             samples_per_s=f"{record['samples_per_second']:.1f}")
-                        window, examples_seen, tokens_seen = [], 0, 0
-                        window_started = time.perf_counter()
-                    eval_metrics = None
-                    if evaluate:
-                        eval_metrics = self._evaluate_state(state, frozen, self.eval_dataset, "eval", step,
-                                                            step / steps_per_epoch)
-                    if save:
-                        manager.save(step, state, data_position={"epoch": step // steps_per_epoch,
-                                                                 "step_in_epoch": step % steps_per_epoch},
-                                     metrics=self._checkpoint_metrics(eval_metrics))
-                        last_saved = step
-                    if step >= total_steps:
-                        break
-            self.state = state
-            self.model.params = training.full_params(state, frozen)
-            if args.load_best_model_at_end and manager is not None:
-                manager.wait_until_finished()
-                best = manager.best_step()
-                if best is not None and best != step:
-                    best_state = manager.restore(state, best).state
-                    self.model.params = training.full_params(best_state, frozen)
-        finally:
-            progress.close()
-            if manager is not None:
-                manager.wait_until_finished()
-                manager.close()
-            if jax.process_index() == 0:
-                plot_history(self.log_history, self.output_dir / "training_curves.png")
-        runtime = time.perf_counter() - started
-        training_loss = float(np.mean(losses)) if losses else float("nan")
-        summary = {"train_runtime": round(runtime, 4), "train_loss": training_loss, "epoch": step / steps_per_epoch,
-                   "step": step}
-        self._log(summary)
-        return TrainOutput(step, training_loss, summary)
+        return training_progress(total_steps, initial=initial,
+                                 disable=self.args.disable_tqdm or jax.process_index() != 0)
+
+    def _loop(self, run: _Run) -> list[float]:
+        """Runs the steps from ``run.state``'s to the last; returns the logged losses. A step's ``is_finite`` is read
+        while the next step runs, so the host never waits for the device except to log, evaluate or save."""
+        window, losses = _Window(), []
+        proceed, unchecked = True, None  # the last step's metrics and place, its is_finite not read yet
+        step = int(run.state.step)
+        while step < run.total_steps:
+            epoch, step_in_epoch = divmod(step, run.steps_per_epoch)
+            for indices in self._batch_indices(run.features, epoch, step_in_epoch):
+                batch = self.data_collator([run.features[int(i)] for i in _local_rows(indices)])
+                run.state, metrics = run.train_step(run.state, _device_batch(batch, run.mesh), proceed)
+                if unchecked is not None:  # read the previous step's flag while this one runs
+                    self._stop_if_not_finite(run, unchecked)
+                proceed, unchecked = metrics["is_finite"], (metrics, step + 1, epoch, step_in_epoch)
+                step += 1
+                step_in_epoch += 1
+                window.add(metrics, len(indices), batch)
+                epoch_end = step_in_epoch == run.steps_per_epoch
+                log = step % self.args.logging_steps == 0 or step == run.total_steps
+                evaluate = self.eval_dataset is not None and self._should(self.args.eval_strategy,
+                                                                         self.args.eval_steps, step, epoch_end)
+                save = run.manager is not None and (step == run.total_steps or self._should(
+                    self.args.save_strategy, self.args.save_steps, step, epoch_end))
+                if log or evaluate or save:
+                    self._stop_if_not_finite(run, unchecked)
+                    unchecked = None
+                if log:
+                    losses.append(self._log_window(window, step, run))
+                run.progress.update(1)
+                eval_metrics = (self._evaluate_state(run.state, run.frozen, self.eval_dataset, "eval", step,
+                                                     step / run.steps_per_epoch) if evaluate else None)
+                if save:
+                    self._save(run, step, eval_metrics)
+                if step >= run.total_steps:
+                    break
+        return losses
+
+    def _stop_if_not_finite(self, run: _Run, unchecked: tuple) -> None:
+        """Stops the run when the step of ``unchecked`` had a loss or gradient that is not finite. Every later
+        step was a no-op (``proceed``), so ``run.state`` holds the last good parameters."""
+        metrics, number, epoch, batch_index = unchecked
+        if bool(metrics["is_finite"]):
+            return
+        self._keep_state(run)
+        kept = f"the last checkpoint is step {run.last_saved}" if run.last_saved else "no checkpoint was saved"
+        raise TrainingStopped(
+            f"the loss is {float(metrics['loss'])} at step {number} (epoch {epoch}, batch {batch_index}); training "
+            f"stopped with the parameters of step {number - 1}, {kept}; lower learning_rate or check that batch")
+
+    def _save(self, run: _Run, step: int, eval_metrics: Mapping | None) -> None:
+        """Saves checkpoint ``step``, after checking that the state is finite (so the last checkpoint is good)."""
+        if not bool(_all_finite((run.state.trainable, run.state.opt_state))):
+            self._keep_state(run)
+            kept = f"the last checkpoint is step {run.last_saved}" if run.last_saved else "no checkpoint was saved"
+            raise TrainingStopped(f"the trainable parameters or the optimizer state are not finite after step {step}, "
+                                  f"so it was not saved; {kept}; lower learning_rate")
+        run.manager.save(step, run.state, metrics=self._checkpoint_metrics(eval_metrics),
+                         data_position={"epoch": step // run.steps_per_epoch,
+                                        "step_in_epoch": step % run.steps_per_epoch})
+        run.last_saved = step
+
+    def _keep_state(self, run: _Run) -> None:
+        self.state = run.state
+        self.model.params = training.full_params(run.state, run.frozen)
+
+    def _keep_final_parameters(self, run: _Run) -> None:
+        """The trained parameters into the model: the last step's, or the best checkpoint's when asked."""
+        self._keep_state(run)
+        if self.args.load_best_model_at_end and run.manager is not None:
+            run.manager.wait_until_finished()
+            best = run.manager.best_step()
+            if best is not None and best != int(run.state.step):
+                best_state = run.manager.restore(run.state, best).state
+                self.model.params = training.full_params(best_state, run.frozen)
+
+    def _close(self, run: _Run, failure: BaseException | None) -> None:
+        """Closes the progress bar and the checkpoints (waiting for the last write) and plots the curves. When the
+        run failed, an error here is logged and the run's own error is the one raised."""
+        steps = [run.progress.close]
+        if run.manager is not None:
+            steps.append(run.manager.close)
+        if jax.process_index() == 0:
+            steps.append(self._plot)
+        first_error = None
+        for close in steps:
+            try:
+                close()
+            except Exception as error:  # noqa: BLE001 - reported below, after the other steps ran
+                if failure is None and first_error is None:
+                    first_error = error
+                else:
+                    logger.warning("while stopping the run: %s", " ".join(str(error).split()) or type(error).__name__)
+        if first_error is not None:
+            raise first_error
+
+    def _plot(self) -> None:
+        if plot_history(self.log_history, self.output_dir / "training_curves.png") is not None:
+            self._note_written("training_curves.png")
+
+    def _note_written(self, *names: str) -> None:
+        """Lists ``names`` (entries of ``output_dir``) in the folder's manifest of what jaxpeft wrote."""
+        new = [name for name in names if name not in self._written]
+        if new and jax.process_index() == 0:
+            outputs.record(self.output_dir, *new)
+            self._written.update(new)
 
     def _checkpoint_metrics(self, eval_metrics: Mapping | None) -> dict | None:
         if eval_metrics is None:
@@ -601,10 +717,12 @@ class Trainer:
         if jax.process_index() == 0:  # one writer in a multi-process run
             _write_jsonl(self.output_dir / "metrics.jsonl", record)
 
-    def _log_window(self, window: list[dict], step: int, steps_per_epoch: int, examples: int, tokens: int,
-                    seconds: float) -> dict:
-        host = jax.device_get(window)
-        record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+    def _log_window(self, window: _Window, step: int, run: _Run) -> float:
+        """Logs the steps since the last log line (their mean loss, gradient norm and throughput); returns the
+        loss."""
+        host = jax.device_get(window.metrics)
+        seconds = max(time.perf_counter() - window.started, 1e-9)
+        record = {"step": step, "epoch": round(step / run.steps_per_epoch, 4),
                   "loss": float(np.mean([m["loss"] for m in host])),
                   "grad_norm": float(np.mean([m["grad_norm"] for m in host]))}
         if "learning_rate" in host[-1]:
@@ -612,11 +730,14 @@ class Trainer:
         for name in host[-1]:
             if name not in ("loss", "grad_norm", "learning_rate", "step", "is_finite"):
                 record[name] = float(np.mean([m[name] for m in host]))
-        record["samples_per_second"] = examples / max(seconds, 1e-9)
-        if tokens:
-            record["tokens_per_second"] = tokens / max(seconds, 1e-9)
+        record["samples_per_second"] = window.examples / seconds
+        if window.tokens:
+            record["tokens_per_second"] = window.tokens / seconds
         self._log(record)
-        return record
+        run.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record.get('learning_rate', 0):.2e}",
+                                 samples_per_s=f"{record['samples_per_second']:.1f}")
+        window.reset()
+        return record["loss"]
 
     # ----- evaluation -----
 
@@ -624,14 +745,14 @@ class Trainer:
         """The jitted ``(trainable, frozen, batch, weights) -> (sums, logits)``: ``training.peft_outputs_fn``, the
         loss of training, without dropout."""
         if self._eval_fn is None:
-            outputs = training.peft_outputs_fn(self.model, self.task)
+            outputs_fn = training.peft_outputs_fn(self.model, self.task)
             compute_dtype = jnp.bfloat16 if self.args.bf16 else None
 
             def evaluate(trainable, frozen, batch, weights):
                 if compute_dtype is not None:
                     trainable = training._cast_floats(trainable, compute_dtype)
                     frozen = training._cast_floats(frozen, compute_dtype)
-                return outputs(combine(trainable, frozen), batch, None, weights)
+                return outputs_fn(combine(trainable, frozen), batch, None, weights)
 
             self._eval_fn = jax.jit(evaluate)
         return self._eval_fn
@@ -642,6 +763,8 @@ class Trainer:
         sums = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
         predictions, labels = [], []
         labelled = any(key in features[0] for key in ("labels", "label")) or self.task == "causal_lm"
+        if self.task in ("seq_cls", "token_cls") and labelled:
+            data_lib.check_labels(features, self.model.base_model.config.num_labels, self.task)
         mesh = run_mesh(self.args.mesh)
         size = self.args.per_device_eval_batch_size * (1 if mesh is None else sharding.data_parallel_size(mesh))
         # one batch shape: the last batch is filled up with weight-0 copies
@@ -726,6 +849,7 @@ class Trainer:
         metrics["epoch"] = next((r["epoch"] for r in reversed(self.log_history) if "epoch" in r), 0.0)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._log({**metrics, "step": step})
+        self._note_written("metrics.jsonl")
         return metrics
 
     def predict(self, test_dataset: Any, metric_key_prefix: str = "test") -> PredictionOutput:
@@ -757,9 +881,20 @@ class Trainer:
             if jax.process_index() != 0:  # the first process writes
                 return
             self.model.params = gathered
+        before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
         try:
             self.model.save_pretrained(folder)
         finally:
             self.model.params = params
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(folder)
+        self._note_saved(folder, before)
+
+    def _note_saved(self, folder: str, before: set[str]) -> None:
+        """Lists what ``save_model`` wrote in ``output_dir`` in its manifest: the new files when it saved there, or
+        the top entry of ``output_dir`` that holds ``folder``."""
+        root, target = os.path.realpath(self.output_dir), os.path.realpath(folder)
+        if target == root:
+            self._note_written(*(set(os.listdir(folder)) - before - {outputs.MANIFEST_NAME, outputs.LOCK_NAME}))
+        elif os.path.commonpath([root, target]) == root:
+            self._note_written(os.path.relpath(target, root).split(os.sep)[0])

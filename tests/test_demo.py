@@ -1,6 +1,7 @@
 """The demo's pieces and command line; the demos themselves on a few examples of the real assets."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import transformers
 
 from jaxpeft import assets, demo
 from jaxpeft.models import AutoModel
+from jaxpeft.trainer import plot_history
 
 
 def tiny_encoder():
@@ -70,7 +72,14 @@ def test_missing_asset_exits_with_the_command_that_gets_it(tmp_path, monkeypatch
     assert not (tmp_path / "out").exists()
 
 
-def test_quick_sentiment_demo_writes_its_outputs(tmp_path, capsys):
+def test_quick_sentiment_demo_writes_its_outputs(tmp_path, capsys, monkeypatch):
+    plotted = []
+
+    def recording_plot(log_history, path, **options):
+        plotted.append((pathlib.Path(path), options))
+        return plot_history(log_history, path, **options)
+
+    monkeypatch.setattr(demo, "plot_history", recording_plot)
     recipe = demo.SentimentRecipe(steps=3, batch_size=8, max_length=16, validation_size=16, eval_every=3,
                                   train_limit=64, test_limit=24)
     results = demo.sentiment_demo(tmp_path, recipe, progress=False)
@@ -78,8 +87,14 @@ def test_quick_sentiment_demo_writes_its_outputs(tmp_path, capsys):
     assert saved["test"] == results["test"] and saved["steps"] == 3
     assert saved["test_sentences"] == 24 and saved["train_sentences"] == 48
     assert all(0 <= value <= 1 for value in results["test"].values())
+    assert all(0 <= value <= 1 for value in results["validation"].values())
     adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA" and adapter["r"] == 8 and "classifier" in adapter["modules_to_save"]
+    assert adapter["base_model_name_or_path"] == assets.minilm_folder()  # what torch's AutoPeftModel loads
+    # the curves are drawn again with the frozen-encoder probe's validation accuracy as a line
+    assert plotted == [(tmp_path / "training_curves.png", {
+        "title": demo.SENTIMENT_PLOT_TITLE,
+        "baselines": {"eval_accuracy": {"frozen-encoder probe": results["validation"]["baseline_accuracy"]}}})]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 100_000
     assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
     logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -88,3 +103,17 @@ def test_quick_sentiment_demo_writes_its_outputs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"test accuracy {results['test']['fine_tuned_accuracy']:.4f}" in printed and str(tmp_path) in printed
     assert printed.count("truly ") == 4  # the reloaded adapter labelled four held-out sentences
+
+
+def test_assets_command_prints_paths_and_writes_the_demo_split(tmp_path, capsys):
+    assert assets.main(["minilm"]) == 0
+    assert capsys.readouterr().out == assets.minilm_folder() + "\n"
+    assert assets.main([]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listing] == ["minilm", "smollm2", "rotten-tomatoes", "bbc-news"]
+    assert assets.main(["--write-rotten-tomatoes", str(tmp_path)]) == 0
+    train, test = assets.rotten_tomatoes()
+    written = {name: [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+               for name in ("train", "validation", "test")}
+    size = demo.SentimentRecipe().validation_size
+    assert written == {"train": train[size:], "validation": train[:size], "test": test}  # the demo's split

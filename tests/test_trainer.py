@@ -285,9 +285,10 @@ def test_a_fresh_run_into_a_folder_with_checkpoints_refuses_unless_told_to_overw
     second.data_collator = counted = StopAfter(second.data_collator, 100)
     with pytest.raises(ValueError) as error:
         second.train()
-    assert str(error.value) == (f"{tmp_path / 'checkpoints'} holds the checkpoints of an earlier run (steps [1, 2]); "
-                                "pass resume_from_checkpoint=True to go on, or overwrite_output_dir=True to start "
-                                "afresh")
+    assert str(error.value) == (f"{tmp_path} holds the outputs of an earlier run (checkpoints, metrics.jsonl, "
+                                "training_curves.png); pass resume_from_checkpoint=True to go on with it, "
+                                "overwrite_output_dir=True to replace them (only what jaxpeft wrote there is removed), "
+                                "or choose another output_dir")
     assert counted.calls == 0  # refused before any work
     afresh = trainer(1, overwrite_output_dir=True)
     assert afresh.train().global_step == 1
@@ -295,7 +296,10 @@ def test_a_fresh_run_into_a_folder_with_checkpoints_refuses_unless_told_to_overw
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be an int >= 1"),
+    ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be >= 1, got 0"),
+    ({"max_steps": 0}, "max_steps must be -1 \\(train for num_train_epochs\\) or >= 1, got 0"),
+    ({"learning_rate": float("inf")}, "learning_rate must be a finite number, got inf"),
+    ({"bf16": "yes"}, "bf16 must be of type bool, got 'yes'"),
     ({"eval_strategy": "sometimes"}, "eval_strategy='sometimes'"),
     ({"lr_scheduler_type": "step"}, "lr_scheduler_type='step'"),
     ({"load_best_model_at_end": True, "eval_strategy": "steps", "eval_steps": 3, "save_steps": 4},

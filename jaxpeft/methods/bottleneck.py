@@ -76,8 +76,16 @@ import numpy as np
 
 from jaxpeft import _targets
 from jaxpeft._tracing import Layer, Trace, layer_kind
-from jaxpeft.config import PeftConfig, check, register_config, strict_options
-from jaxpeft.core import AdapterError, register_method
+from jaxpeft.config import (
+    PeftConfig,
+    check,
+    is_finite_number,
+    layer_indices,
+    plain_number,
+    register_config,
+    strict_options,
+)
+from jaxpeft.core import AdapterError, check_layers_exist, register_method
 from jaxpeft.tree import register_adapter_keys
 
 Path = tuple[str, ...]
@@ -196,19 +204,18 @@ class AdapterConfig(PeftConfig):
         for name, value in PRESETS[preset].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        number = (int, float)
         rf = self.reduction_factor
-        check(isinstance(rf, number) and not isinstance(rf, bool) and rf >= 1,
-              f"reduction_factor must be a number >= 1 (hidden size / bottleneck size), got reduction_factor={rf!r}")
+        check(is_finite_number(rf) and rf >= 1, f"reduction_factor must be a number >= 1 and finite (hidden size / "
+                                                f"bottleneck size), got reduction_factor={rf!r}")
         self.non_linearity = str(self.non_linearity).lower()
         check(self.non_linearity in ACTIVATIONS, f"non_linearity={self.non_linearity!r} is unknown; use one of "
                                                  f"{', '.join(ACTIVATIONS)}")
         for name in ("mh_adapter", "output_adapter", "is_parallel", "init_weights"):
             check(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
-        check(isinstance(self.scaling, number) and not isinstance(self.scaling, bool),
-              f"scaling must be a number, got scaling={self.scaling!r}")
-        check(isinstance(self.dropout, number) and 0 <= self.dropout < 1,
+        check(is_finite_number(self.scaling), f"scaling must be a finite number, got scaling={self.scaling!r}")
+        check(is_finite_number(self.dropout) and 0 <= self.dropout < 1,
               f"dropout must be in [0, 1), got dropout={self.dropout!r}")
+        self.reduction_factor, self.scaling, self.dropout = (plain_number(v) for v in (rf, self.scaling, self.dropout))
         for name in ("attention_modules", "feedforward_modules", "target_modules", "exclude_modules",
                      "layers_pattern", "modules_to_save"):
             value = getattr(self, name)
@@ -228,15 +235,11 @@ class AdapterConfig(PeftConfig):
                 isinstance(k, str) and isinstance(v, str) for k, v in self.parallel_inputs.items()),
                 "parallel_inputs must map output projection name endings to module names, e.g. {'ffn_out': 'ffn_in'}")
             self.parallel_inputs = dict(self.parallel_inputs)
-        for name in ("layers_to_transform", "leave_out"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            layers = [value] if isinstance(value, int) else list(value) if isinstance(value, Sequence) else [None]
-            check(all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers),
-                  f"{name} must be a layer index or a list of them, got {name}={value!r}")
-            if not isinstance(value, int) or name == "leave_out":
-                setattr(self, name, layers)
+        if self.layers_to_transform is not None:
+            self.layers_to_transform = layer_indices("layers_to_transform", self.layers_to_transform)
+        if self.leave_out is not None:
+            leave_out = layer_indices("leave_out", self.leave_out)
+            self.leave_out = [leave_out] if isinstance(leave_out, int) else leave_out
 
 
 # ----- which layers get adapters -----
@@ -297,6 +300,7 @@ def _check_patterns(trace: Trace, roles: dict[str, Patterns]) -> None:
 def select_layers(config: AdapterConfig, trace: Trace) -> dict[Path, Layer]:
     """The layers that get adapters, each with the stack indices it applies to (``Layer.virtual_paths``)."""
     roles = _roles(config)
+    check_layers_exist(config, trace)
     _check_patterns(trace, roles)
     selected: dict[Path, Layer] = {}
     found: dict[str, list[str]] = {role: [] for role in roles}

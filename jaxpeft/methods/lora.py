@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -34,7 +34,16 @@ import numpy as np
 
 from jaxpeft import _targets
 from jaxpeft._tracing import Layer, Trace, layer_kind
-from jaxpeft.config import PeftConfig, check, register_config, strict_options
+from jaxpeft.config import (
+    PeftConfig,
+    check,
+    is_finite_number,
+    is_positive_int,
+    layer_indices,
+    plain_number,
+    register_config,
+    strict_options,
+)
 from jaxpeft.core import AdapterError, register_method, resolve_layers
 from jaxpeft.tree import register_adapter_keys
 
@@ -101,26 +110,40 @@ class LoraConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got r={self.r!r}")
-        check(self.lora_alpha > 0, f"lora_alpha must be positive, got lora_alpha={self.lora_alpha!r}")
-        check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got lora_dropout={self.lora_dropout!r}")
+        check(is_positive_int(self.r), f"r must be a positive integer, got r={self.r!r}")
+        check(is_finite_number(self.lora_alpha) and self.lora_alpha > 0,
+              f"lora_alpha must be positive and finite, got lora_alpha={self.lora_alpha!r}")
+        check(is_finite_number(self.lora_dropout) and 0 <= self.lora_dropout < 1,
+              f"lora_dropout must be in [0, 1), got lora_dropout={self.lora_dropout!r}")
+        self.r = int(self.r)
+        self.lora_alpha, self.lora_dropout = plain_number(self.lora_alpha), plain_number(self.lora_dropout)
         check(self.bias in BIAS_OPTIONS, f"bias={self.bias!r} is unknown; use one of {', '.join(BIAS_OPTIONS)}")
         check(self.init_lora_weights in INIT_OPTIONS or _pissa_niter(self.init_lora_weights) is not None,
               f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False, 'gaussian', "
               "'pissa' or 'pissa_niter_<n>'")
         check(not self.lora_bias, "lora_bias=True is not supported; use lora_bias=False")
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = {} if getattr(self, name) is None else getattr(self, name)
+            check(isinstance(value, Mapping), f"{name} must be a dict {{module regex: value}}, got {value!r}")
+            setattr(self, name, dict(value))
         for key, rank in self.rank_pattern.items():
-            check(isinstance(rank, int) and rank > 0, f"rank_pattern[{key!r}]={rank!r} must be a positive integer")
+            check(is_positive_int(rank), f"rank_pattern[{key!r}]={rank!r} must be a positive integer")
         for key, alpha in self.alpha_pattern.items():
-            check(alpha > 0, f"alpha_pattern[{key!r}]={alpha!r} must be positive")
+            check(is_finite_number(alpha) and alpha > 0,
+                  f"alpha_pattern[{key!r}]={alpha!r} must be positive and finite")
+        self.rank_pattern = {key: plain_number(rank) for key, rank in self.rank_pattern.items()}
+        self.alpha_pattern = {key: plain_number(alpha) for key, alpha in self.alpha_pattern.items()}
         for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 value = list(value)
                 check(all(isinstance(v, str) for v in value), f"{name} must hold module names (strings)")
                 setattr(self, name, value)
-        if self.layers_to_transform is not None and not isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [int(i) for i in self.layers_to_transform]
+        if self.layers_to_transform is not None:
+            self.layers_to_transform = layer_indices("layers_to_transform", self.layers_to_transform)
+            check(not isinstance(self.target_modules, str),
+                  f"layers_to_transform cannot be used with target_modules={self.target_modules!r}, a string (as in HF "
+                  "PEFT); list the module names instead, e.g. target_modules=['q_proj', 'v_proj']")
 
     def rank_for(self, name: str) -> int:
         """The rank of the module at dotted path ``name``."""

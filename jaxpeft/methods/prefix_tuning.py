@@ -60,8 +60,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft._tracing import Trace
-from jaxpeft.config import ConfigError, PeftConfig, check, model_dimensions, register_config, strict_options
-from jaxpeft.core import AdapterError, register_method
+from jaxpeft.config import (
+    ConfigError,
+    PeftConfig,
+    check,
+    is_positive_int,
+    model_dimensions,
+    register_config,
+    strict_options,
+)
+from jaxpeft.core import AdapterError, register_method, virtual_token_advice
 from jaxpeft.tree import flatten, register_adapter_keys, unflatten_like
 
 TABLE = "prefix_kv_table"
@@ -149,12 +157,13 @@ class PrefixTuningConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check(isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0,
+        check(is_positive_int(self.num_virtual_tokens),
               f"PrefixTuningConfig needs num_virtual_tokens (or prefix_length) as a positive int, got "
               f"{self.num_virtual_tokens!r}; e.g. num_virtual_tokens=20")
+        self.num_virtual_tokens = int(self.num_virtual_tokens)
         for name in DIMENSIONS + ("encoder_hidden_size",):
             value = getattr(self, name)
-            check(value is None or (isinstance(value, int) and value > 0),
+            check(value is None or is_positive_int(value),
                   f"{name} must be a positive int or None, got {name}={value!r}")
         check(self.num_transformer_submodules in (None, 1),
               f"num_transformer_submodules={self.num_transformer_submodules!r}: prefix tuning of encoder-decoder "
@@ -324,18 +333,35 @@ def _module(apply_fn) -> nn.Module | None:
     return module if isinstance(module, nn.Module) else None
 
 
-def _is_jaxpeft_decoder(module: nn.Module | None) -> bool:
-    """Whether ``module`` is a head of a ``jaxpeft.models`` family that has a causal LM (GPT-2, Llama, ...)."""
+def _decoder_family(module: nn.Module | None):
+    """The ``jaxpeft.models`` family of ``module`` when it is a head of a family that has a causal LM (GPT-2, Llama,
+    ...), else None."""
     from jaxpeft.models.auto import family_for
 
     model_type = getattr(getattr(module, "config", None), "model_type", None)
     if model_type is None:
-        return False
+        return None
     try:
         family = family_for(model_type)
     except ValueError:
-        return False
-    return "causal_lm" in family.modules and type(module) in tuple(family.modules.values())
+        return None
+    is_decoder = "causal_lm" in family.modules and type(module) in tuple(family.modules.values())
+    return family if is_decoder else None
+
+
+def _check_shifted_positions(module: nn.Module, family, num_virtual: int, seq_len: int, cache: Any) -> None:
+    """Refuses, at trace time, positions shifted past the virtual tokens that run beyond a learned position table
+    (positions stay below the sequence's length, or below the cache's slots when generating)."""
+    from jaxpeft.models.attention import cache_length
+
+    if family.position_table is None:
+        return
+    table_size = getattr(module.config, family.position_table)
+    num_positions = seq_len if cache is None else cache_length(cache)
+    if num_virtual + num_positions > table_size:
+        raise AdapterError(f"prefix tuning numbers the input's positions after its {num_virtual} virtual tokens: "
+                           f"{num_virtual + num_positions} positions, but the model has {table_size} "
+                           f"({family.position_table}); {virtual_token_advice(table_size, num_virtual)}")
 
 
 def _named_inputs(module: nn.Module | None, args: tuple, kwargs: dict) -> dict:
@@ -378,10 +404,12 @@ def call(config: PrefixTuningConfig, adapter_name: str, apply_fn, variables: Any
                            "with adapter_name=None to pass your own)")
     batch_size, seq_len = _sequence_shape(inputs)
     num_virtual = config.num_virtual_tokens
+    family, cache = _decoder_family(module), inputs.get("cache")
+    if family is not None:
+        _check_shifted_positions(module, family, num_virtual, seq_len, cache)
     if inputs.get("position_ids") is not None:
         inputs["position_ids"] = jnp.asarray(inputs["position_ids"]) + num_virtual
-    elif _is_jaxpeft_decoder(module):
-        cache = inputs.get("cache")
+    elif family is not None:
         start = num_virtual + (0 if cache is None else cache.index)
         inputs["position_ids"] = jnp.broadcast_to(start + jnp.arange(seq_len), (batch_size, seq_len))
     inputs["prefix_key_values"] = prefix_key_values(config, variables, adapter_name, batch_size)

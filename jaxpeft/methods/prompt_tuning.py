@@ -29,13 +29,17 @@ A linen model of your own works when (the convention of ``jaxpeft.models``):
 - its word embedding is an ``nn.Embed`` (named ``word_embeddings``, ``wte``, ``embed_tokens``, ... or else the
   largest ``nn.Embed``): ``token_dim`` and the ``TEXT``/``SAMPLE_VOCAB`` initialisations come from it;
 - for ``generate``, it follows ``jaxpeft.models``' cache convention (``cache=`` a ``KVCache`` whose arrays have the
-  slot axis third from last, and an ``attention_mask`` spanning the cache slots).
+  slot axis third from last, and an ``attention_mask`` spanning the cache slots);
+- if it refuses inputs longer than its position table, it raises a ``ValueError`` with ``num_tokens`` and
+  ``max_tokens`` attributes (as ``jaxpeft.models``' ``SequenceTooLongError``), which prompt tuning restates counting
+  its virtual tokens.
 
 Prompt tuning cannot be merged into the weights: ``merge``/``merge_and_unload`` raise ``AdapterError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -49,8 +53,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft._tracing import Layer, Trace
-from jaxpeft.config import ConfigError, PeftConfig, check, model_dimensions, register_config, strict_options
-from jaxpeft.core import AdapterError, register_method
+from jaxpeft.config import (
+    ConfigError,
+    PeftConfig,
+    check,
+    is_positive_int,
+    model_dimensions,
+    register_config,
+    strict_options,
+)
+from jaxpeft.core import AdapterError, register_method, virtual_token_advice
 from jaxpeft.tree import flatten, register_adapter_keys, unflatten_like
 
 LEAF_KEY = "prompt_embeddings"
@@ -147,12 +159,13 @@ class PromptTuningConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check(isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0,
+        check(is_positive_int(self.num_virtual_tokens),
               f"PromptTuningConfig needs num_virtual_tokens (or prompt_length) as a positive int, got "
               f"{self.num_virtual_tokens!r}; e.g. num_virtual_tokens=20")
+        self.num_virtual_tokens = int(self.num_virtual_tokens)
         for name in ("token_dim", "num_attention_heads", "num_layers"):
             value = getattr(self, name)
-            check(value is None or (isinstance(value, int) and value > 0),
+            check(value is None or is_positive_int(value),
                   f"{name} must be a positive int or None, got {value!r}")
         check(self.num_transformer_submodules in (None, 1, 2),
               f"num_transformer_submodules must be 1, 2 or None, got {self.num_transformer_submodules!r}")
@@ -328,6 +341,21 @@ def _generation_call(config, apply_fn, variables, adapter_name, inputs: dict):
     return apply_fn(variables, **inputs)
 
 
+@contextlib.contextmanager
+def _virtual_tokens_counted(num_virtual: int):
+    """Restates a model's refusal of a too-long input (a ``ValueError`` with ``num_tokens`` and ``max_tokens``, as
+    ``jaxpeft.models``' ``SequenceTooLongError``) in terms of the virtual tokens put in front of it."""
+    try:
+        yield
+    except ValueError as error:
+        max_tokens = getattr(error, "max_tokens", None)
+        if max_tokens is None:
+            raise
+        raise AdapterError(f"prompt tuning puts {num_virtual} virtual tokens in front of the input: "
+                           f"{error.num_tokens} positions, but the model takes at most {max_tokens}; "
+                           f"{virtual_token_advice(max_tokens, num_virtual)}") from None
+
+
 def call(config: PromptTuningConfig, adapter_name: str, apply_fn, variables: Any, args: tuple, kwargs: dict,
          dropout: bool):
     """Runs ``apply_fn`` with the prompt in front of the input embeddings (see the module docstring)."""
@@ -339,7 +367,8 @@ def call(config: PromptTuningConfig, adapter_name: str, apply_fn, variables: Any
     inputs = _named_inputs(apply_fn, args, kwargs)
     num_virtual = config.num_virtual_tokens
     if inputs.get("cache") is not None:
-        return _generation_call(config, apply_fn, variables, adapter_name, inputs)
+        with _virtual_tokens_counted(num_virtual):
+            return _generation_call(config, apply_fn, variables, adapter_name, inputs)
     input_ids, embeds = inputs.pop("input_ids", None), inputs.pop("inputs_embeds", None)
     if (input_ids is None) == (embeds is None):
         raise AdapterError("prompt tuning needs exactly one of input_ids and inputs_embeds")
@@ -362,7 +391,8 @@ def call(config: PromptTuningConfig, adapter_name: str, apply_fn, variables: Any
             inputs["token_type_ids"] = jnp.concatenate(
                 [jnp.zeros((batch_size, num_virtual), types.dtype), types], axis=1)
     prompts = _prompts(variables, adapter_name, batch_size, embeds.dtype)
-    return apply_fn(variables, input_ids=None, inputs_embeds=jnp.concatenate([prompts, embeds], axis=1), **inputs)
+    with _virtual_tokens_counted(num_virtual):
+        return apply_fn(variables, input_ids=None, inputs_embeds=jnp.concatenate([prompts, embeds], axis=1), **inputs)
 
 
 # ----- the HF PEFT file format -----

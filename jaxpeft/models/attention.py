@@ -121,6 +121,43 @@ def write_cache(layer_cache: LayerCache, key: jax.Array, value: jax.Array, index
     return {"key": keys, "value": values}, keys, values
 
 
+class SequenceTooLongError(ValueError):
+    """An input that needs more positions than a model's learned position table has, refused at trace time.
+
+    ``num_tokens`` is the input's length (virtual tokens, which prompt tuning puts in front, included) and
+    ``max_tokens`` the most the model takes; prompt tuning reads both to say how far to shorten.
+    """
+
+    def __init__(self, message: str, num_tokens: int, max_tokens: int):
+        super().__init__(message)
+        self.num_tokens = num_tokens
+        self.max_tokens = max_tokens
+
+
+def check_sequence_length(num_tokens: int, table_size: int, option: str, first_position: int = 0) -> None:
+    """Refuses ``num_tokens`` default positions from ``first_position`` on when they run past a learned position
+    table of ``table_size`` rows (the model config's ``option``): an embedding lookup past the table reads NaN.
+
+    Sequence lengths are static under ``jit``, so this costs nothing when the compiled function runs.
+
+    Example:
+        >>> check_sequence_length(40, 32, "n_positions")
+        Traceback (most recent call last):
+        ...
+        jaxpeft.models.attention.SequenceTooLongError: the input has 40 tokens but this model takes at most 32 \
+(n_positions=32); truncate it, e.g. tokenize(..., max_length=32).
+    """
+    max_tokens = table_size - first_position
+    if num_tokens > max_tokens:
+        offset = f", positions starting at {first_position}" if first_position else ""
+        raise SequenceTooLongError(
+            f"the input has {num_tokens} tokens but this model takes at most {max_tokens} ({option}={table_size}"
+            f"{offset}); truncate it, e.g. tokenize(..., max_length={max_tokens}).",
+            num_tokens,
+            max_tokens,
+        )
+
+
 def check_prefix_key_values(prefix_key_values, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int):
     """Raises a one-line error unless ``prefix_key_values`` is ``(keys, values)`` of the documented shape."""
     if prefix_key_values is None:

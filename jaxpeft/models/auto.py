@@ -308,6 +308,7 @@ def load_pretrained(
         family, module = _build_module(config, head, dtype, param_dtype, scan_layers, remat_policy)
         tensors = hub.read_checkpoint_tensors(folder)
     source = path
+    config.name_or_path = path  # as given (a hub id stays one): what an adapter's base_model_name_or_path names
     params = assemble_params(module, family, tensors, config, head, scan_layers, as_dtype(param_dtype), seed, source)
     return PretrainedModel(module, params, config, family, head)
 
@@ -444,6 +445,7 @@ class PretrainedModel:
             attention_mask,
             eos_token_id=defaults["eos_token_id"] if _from_config(eos_token_id) else eos_token_id,
             pad_token_id=defaults["pad_token_id"] if _from_config(pad_token_id) else pad_token_id,
+            max_positions=getattr(self.config, "max_position_embeddings", None),
             **kwargs,
         )
 

@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpeft.models import encoder_layers
+from jaxpeft.models import attention, encoder_layers
 from jaxpeft.models.encoder_layers import Dtype, EncoderOutput, EncoderSettings
 from jaxpeft.models.family import ModelFamily, ModelOutput
 
@@ -252,6 +252,11 @@ class BertModel(nn.Module):
         """Row of the position table that is zero at initialisation (None for BERT)."""
         return None
 
+    def first_default_position(self, from_input_ids: bool, past_length: int) -> int:
+        """The position ``default_position_ids`` gives the first token (the largest is this plus the length - 1)."""
+        del from_input_ids
+        return past_length
+
     def default_position_ids(self, input_ids, batch_size: int, seq_length: int, past_length: int):
         """Position ids when none are given: ``past_length, past_length + 1, ...`` for every row."""
         del input_ids
@@ -277,6 +282,9 @@ class BertModel(nn.Module):
             prefix_key_values, self.settings, batch_size
         )
         if position_ids is None:
+            first = self.first_default_position(input_ids is not None, num_prefix)
+            attention.check_sequence_length(seq_length, self.settings.max_position_embeddings,
+                                            "max_position_embeddings", first)
             position_ids = self.default_position_ids(input_ids, batch_size, seq_length, num_prefix)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((batch_size, seq_length), dtype=jnp.int32)
@@ -430,6 +438,7 @@ FAMILY = ModelFamily(
     params_from_hf=params_from_hf,
     params_to_hf=params_to_hf,
     default_lora_targets=("query", "value"),
+    position_table="max_position_embeddings",
     # Other heads' weights in a checkpoint (pre-training, classifier, question answering) are left out quietly.
     ignore_unexpected=(r"^cls\.", r"^(bert\.)?pooler\.", r"^classifier\.", r"^qa_outputs\."),
     optional_params=("bert/pooler",),

@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpeft.models import encoder_layers
+from jaxpeft.models import attention, encoder_layers
 from jaxpeft.models.encoder_layers import Dtype, EncoderOutput, EncoderSettings
 from jaxpeft.models.family import ModelFamily, ModelOutput
 
@@ -201,6 +201,8 @@ class DistilBertModel(nn.Module):
             prefix_key_values, self.settings, batch_size
         )
         if position_ids is None:
+            table_size = self.settings.max_position_embeddings
+            attention.check_sequence_length(seq_length, table_size, "max_position_embeddings")
             position_ids = jnp.broadcast_to(jnp.arange(seq_length, dtype=jnp.int32), (batch_size, seq_length))
         hidden_states = self.embeddings(input_ids, position_ids, inputs_embeds, deterministic)
         mask = encoder_layers.encoder_attention_mask(attention_mask, batch_size, seq_length, num_prefix)
@@ -354,6 +356,7 @@ FAMILY = ModelFamily(
     params_from_hf=params_from_hf,
     params_to_hf=params_to_hf,
     default_lora_targets=("q_lin", "v_lin"),
+    position_table="max_position_embeddings",
     # Other heads' weights in a checkpoint (masked LM, classifiers, question answering) are left out quietly.
     ignore_unexpected=(r"^vocab_(transform|projector|layer_norm)\.", r"^(pre_)?classifier\.", r"^qa_outputs\."),
 )

@@ -66,6 +66,8 @@ class ModelFamily:
             error when the checkpoint lacks them, e.g. ``"bert/pooler"``.
         conv1d_layers: names of Dense layers that the torch model holds as ``Conv1D`` (weight ``[in, out]``, the
             Dense kernel's layout), e.g. GPT-2's ``c_attn``; adapter files use that layout for them.
+        position_table: the config attribute holding the number of rows of a learned position table
+            (``"n_positions"``); None for rotary positions. Prefix tuning checks the positions it shifts against it.
     """
 
     model_types: tuple[str, ...]
@@ -76,3 +78,4 @@ class ModelFamily:
     ignore_unexpected: tuple[str, ...] = ()
     optional_params: tuple[str, ...] = ()
     conv1d_layers: tuple[str, ...] = ()
+    position_table: str | None = None

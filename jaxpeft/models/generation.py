@@ -44,6 +44,25 @@ def _as_id_tuple(token_ids: int | Sequence[int] | None) -> tuple[int, ...]:
     return tuple(int(t) for t in token_ids)
 
 
+def check_position_budget(prompt_tokens: int, max_new_tokens: int, max_positions: int) -> None:
+    """Refuses a generation whose prompt and new tokens need more positions than the model has.
+
+    Example:
+        >>> check_position_budget(30, 10, 32)
+        Traceback (most recent call last):
+        ...
+        ValueError: the longest prompt (30 tokens) + max_new_tokens=10 needs 40 positions, but the model has 32 \
+(max_position_embeddings); lower max_new_tokens to 2 or shorten the prompt.
+    """
+    if prompt_tokens + max_new_tokens <= max_positions:
+        return
+    fix = (f"lower max_new_tokens to {max_positions - prompt_tokens} or shorten the prompt"
+           if prompt_tokens < max_positions else f"shorten the prompt to fewer than {max_positions} tokens")
+    raise ValueError(f"the longest prompt ({prompt_tokens} tokens) + max_new_tokens={max_new_tokens} needs "
+                     f"{prompt_tokens + max_new_tokens} positions, but the model has {max_positions} "
+                     f"(max_position_embeddings); {fix}.")
+
+
 def filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
     """Temperature, then top-k, then top-p (nucleus) filtering, in transformers' order; removed logits -> -inf.
 
@@ -171,6 +190,7 @@ def generate(
     pad_token_id: int | None = None,
     seed: int = 0,
     model_kwargs: dict | None = None,
+    max_positions: int | None = None,
 ) -> np.ndarray:
     """Greedy or sampled continuation of a left-padded batch; returns prompt + new tokens ``(batch, len)``.
 
@@ -186,6 +206,8 @@ def generate(
         eos_token_id: id or ids that finish a row; finished rows are filled with ``pad_token_id`` (default: the
             first EOS id, else 0) and the loop stops once every row has finished.
         model_kwargs: extra keywords for every ``apply_fn`` call (e.g. ``prefix_key_values``).
+        max_positions: the model's ``max_position_embeddings``; the longest prompt (its real tokens) plus
+            ``max_new_tokens`` must fit in it (``PretrainedModel.generate`` passes it).
 
     Returns:
         numpy int32 array: the prompt followed by the generated tokens (as many columns as decode steps ran).
@@ -206,6 +228,8 @@ def generate(
         max_new_tokens = (20 if max_length is None else max_length) - prompt_len
     if max_new_tokens < 1:
         raise ValueError(f"Nothing to generate: max_new_tokens={max_new_tokens} (prompt has {prompt_len} tokens).")
+    if max_positions is not None:
+        check_position_budget(int(attention_mask.sum(axis=1).max()), int(max_new_tokens), max_positions)
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}; use do_sample=False for greedy.")
     if top_p is not None and not 0 < top_p <= 1:

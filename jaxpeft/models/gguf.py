@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 SUPPORTED_ARCHITECTURES = ("llama",)
+GGUF_MAGIC = b"GGUF"
 
 # Hugging Face name of each per-layer GGUF tensor (blk.{i}.<name>.weight).
 _LAYER_TENSORS = {
@@ -56,11 +57,20 @@ _CONTROL, _USER_DEFINED = 3, 4
 
 
 def _reader(path: str):
+    """A ``gguf.GGUFReader`` of ``path``; one-line errors for a file that is missing, not GGUF or cut short."""
     import gguf
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path!r} does not exist; pass the path of a .gguf file.")
-    return gguf.GGUFReader(path)
+    with open(path, "rb") as file:
+        if file.read(4) != GGUF_MAGIC:
+            raise ValueError(f"{path}: not a GGUF file (it does not start with {GGUF_MAGIC!r}); pass a .gguf file.")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError) as error:  # what reading past the end raises
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: the file is truncated or damaged ({os.path.getsize(path)} bytes; reading it "
+                         f"failed: {reason}); download or copy it again.") from None
 
 
 def _metadata(reader, key: str, default: Any = None) -> Any:

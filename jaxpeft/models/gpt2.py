@@ -255,6 +255,9 @@ class GPT2Model(nn.Module):
         num_prefix = attention.check_prefix_key_values(
             prefix_key_values, config.n_layer, batch_size, config.n_head, config.n_embd // config.n_head
         )
+        if position_ids is None:  # the default positions are the slots: of the sequence, or of the cache
+            slots = token_ids.shape[1] if cache is None else attention.cache_length(cache)
+            attention.check_sequence_length(slots, config.n_positions, "n_positions")
         mask, position_ids, cache_index = attention.prepare_decoder_inputs(
             token_ids, attention_mask, position_ids, cache, num_prefix_tokens=num_prefix
         )
@@ -364,6 +367,7 @@ FAMILY = ModelFamily(
     params_from_hf=params_from_hf,
     params_to_hf=params_to_hf,
     default_lora_targets=("c_attn",),
+    position_table="n_positions",
     ignore_unexpected=(r"^lm_head\.", r"^score\.", r"attn\.(masked_)?bias$"),
     conv1d_layers=("c_attn", "c_proj", "c_fc"),
 )

@@ -18,11 +18,12 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+_SAFETENSORS_HEADER_LIMIT = 100_000_000  # bytes; safetensors refuses longer headers
 _HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "generation_config.json"]
 
 
@@ -64,10 +65,64 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
         ) from error
 
 
+def _data_end(header: Mapping) -> int:
+    """Where the last tensor of a safetensors header ends, counted from the end of the header."""
+    ends = [entry.get("data_offsets", [0, 0])[-1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, Mapping)]
+    return max((end for end in ends if isinstance(end, int)), default=0)
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a whole ``.safetensors`` file (cut short, or not one at all), from its header alone;
+    None when its size is what the header promises.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> path = f"{tempfile.mkdtemp()}/model.safetensors"
+        >>> write_safetensors({"w": np.ones((4, 4), np.float32)}, path)
+        >>> safetensors_problem(path) is None
+        True
+        >>> with open(path, "r+b") as file:
+        ...     _ = file.truncate(100)
+        >>> safetensors_problem(path)
+        'the file is truncated: 100 bytes of the 160 its header promises; download or copy it again'
+    """
+    size = os.path.getsize(path)
+    not_safetensors = "not a safetensors file (no safetensors header at its start); pass a .safetensors file"
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        header_size = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or header_size > _SAFETENSORS_HEADER_LIMIT:
+            return not_safetensors
+        header_bytes = file.read(header_size)
+    if not header_bytes.startswith(b"{"):
+        return not_safetensors
+    if len(header_bytes) < header_size:
+        return (f"the file is truncated: {size} bytes, less than its {8 + header_size}-byte header; download or "
+                "copy it again")
+    try:
+        header = json.loads(header_bytes)
+    except ValueError:  # also UnicodeDecodeError
+        return not_safetensors
+    expected = 8 + header_size + (_data_end(header) if isinstance(header, Mapping) else 0)
+    if size < expected:
+        return f"the file is truncated: {size} bytes of the {expected} its header promises; download or copy it again"
+    return None
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of one ``.safetensors`` file as numpy arrays (bfloat16 as ``ml_dtypes.bfloat16``)."""
-    with safe_open(path, framework="np") as file:
-        return {name: file.get_tensor(name) for name in file.keys()}
+    """All tensors of one ``.safetensors`` file as numpy arrays (bfloat16 as ``ml_dtypes.bfloat16``).
+
+    A truncated file, or one that is not safetensors, is a one-line ``ValueError`` naming the file.
+    """
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}.")
+    try:
+        with safe_open(path, framework="np") as file:
+            return {name: file.get_tensor(name) for name in file.keys()}
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({str(error).strip()}).") from None
 
 
 def read_checkpoint_tensors(folder: str) -> dict[str, np.ndarray]:

@@ -49,6 +49,9 @@ class RobertaModel(BertModel):
     def position_padding_idx(self) -> int | None:
         return self.config.pad_token_id
 
+    def first_default_position(self, from_input_ids: bool, past_length: int) -> int:
+        return self.config.pad_token_id + 1 + (past_length if from_input_ids else 0)
+
     def default_position_ids(self, input_ids, batch_size: int, seq_length: int, past_length: int):
         padding_idx = self.config.pad_token_id
         if input_ids is not None:
@@ -227,6 +230,7 @@ FAMILY = ModelFamily(
     params_from_hf=params_from_hf,
     params_to_hf=params_to_hf,
     default_lora_targets=("query", "value"),
+    position_table="max_position_embeddings",
     # Other heads' weights in a checkpoint (masked LM, classifier, question answering) are left out quietly.
     ignore_unexpected=(r"^lm_head\.", r"^(roberta\.)?pooler\.", r"^classifier\.", r"^qa_outputs\."),
 )
