@@ -2,7 +2,12 @@
 
 ``trace_layers`` runs ``apply_fn`` under ``jax.eval_shape`` with a method interceptor and records every module
 call: its path, its type, and for the layer types that PEFT methods adapt (Dense, DenseGeneral, Embed, Conv,
-Einsum) the shapes that a method needs. Layers inside ``nn.scan``/``nn.vmap`` are seen once per stack; their
+Einsum) the shapes that a method needs. Any other module that holds parameters of two or more axes is traced to a
+jaxpr (``jaxpeft._contractions``) to see which of them it multiplies with an input, and how: each such parameter is
+a layer of kind ``"param"`` (path ``<module path>/<slot>/<parameter name>``, where methods keep its leaves), with the
+role of each of its axes (``"in"``: contracted, ``"out"``: kept, ``"batch"``: one adapter per entry).
+
+Layers inside ``nn.scan``/``nn.vmap`` are seen once per stack; their
 parameters in the variables tree carry extra leading axes (one per layer), found here by comparing the shapes
 seen inside each lifted transform with those outside it. Each such layer gets the per-layer *virtual paths* that
 Hugging Face would use (``encoder.layer.3.attention.self.query``): the layer index goes right after the name of
@@ -13,14 +18,24 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import traverse_util
 
+from jaxpeft import _contractions
+
 Path = tuple[str, ...]
+# Slots under a module's parameters for the leaves of adapters on one of its own parameters:
+# ``params/<module>/<slot>/<parameter>/<leaf key>/<adapter>``. OWN_PARAMS holds adapters that follow the parameter's
+# contractions (LoRA's A and B meet the input); TARGET_PARAMS, those of ``target_parameters``, which change the
+# parameter itself wherever the module uses it (HF PEFT's semantics).
+OWN_PARAMS = "own_params"
+TARGET_PARAMS = "target_parameters"
+PARAM_SLOTS = (OWN_PARAMS, TARGET_PARAMS)
 
 LAYER_KINDS: dict[type, str] = {
     nn.Dense: "dense",
@@ -70,10 +85,29 @@ class Layer:
     stack_shape: tuple[int, ...]
     virtual_paths: dict[tuple[int, ...], str]
     is_output: bool
+    roles: tuple[str, ...] = ()  # kind "param": each parameter axis's role, "in", "out" or "batch"
+    contractions: tuple[str, ...] = ()  # kind "param": the contraction primitives the parameter meets
 
     @property
     def name(self) -> str:
         return ".".join(self.path)
+
+    @property
+    def param_name(self) -> str | None:
+        """For a layer of kind ``"param"``, the name of the parameter it adapts."""
+        return self.path[-1] if self.kind == "param" else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamUse:
+    """How a module uses one of its own parameters in a traced call: the roles of its axes in each contraction
+    with an input, and the primitives of its other uses (a gather, an addition, ...)."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    roles: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
+    contractions: set[str] = dataclasses.field(default_factory=set)  # the contraction primitives it meets
+    other: set[str] = dataclasses.field(default_factory=set)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +118,21 @@ class Trace:
     module_types: dict[Path, str]
     module_virtual_paths: dict[Path, dict[tuple[int, ...], str]]
     param_shapes: dict[Path, tuple[int, ...]]  # every leaf of variables["params"], stacking axes included
+    # (*module path, parameter name) -> how a module uses its own parameters of two or more axes, and the
+    # "param" layer of each (``Layer.path`` is that key; methods put a slot before the parameter's name)
+    param_uses: dict[Path, ParamUse] = dataclasses.field(default_factory=dict)
+    params: dict[Path, Layer] = dataclasses.field(default_factory=dict)
+    # module path -> the shape and dtype of its first ``__call__``'s output, where that output is one array
+    module_outputs: dict[Path, jax.ShapeDtypeStruct] = dataclasses.field(default_factory=dict)
+
+    def stack_shape(self, path: Path) -> tuple[int, ...]:
+        """The sizes of the stacking axes (``nn.scan``/``nn.vmap``) around the module at ``path``."""
+        indices = list(self.module_virtual_paths.get(path, {(): ""}))
+        return tuple(max(index[axis] for index in indices) + 1 for axis in range(len(indices[0])))
+
+    def param_layers(self, module_path: Path) -> list[Layer]:
+        """The ``"param"`` layers of a module: its own parameters of two or more axes that it uses."""
+        return [layer for path, layer in self.params.items() if path[:-1] == module_path]
 
     def existing_paths(self, limit: int = 12) -> str:
         """The first ``limit`` module paths, for error messages."""
@@ -103,6 +152,37 @@ def _leaf_ndims(tree) -> dict[Path, int]:
     return {k: len(v.shape) for k, v in flat.items() if hasattr(v, "shape")}
 
 
+def own_matrices(module: nn.Module) -> dict[str, jax.Array]:
+    """The module's own parameters (not its submodules') of two or more axes, unboxed."""
+    params = module.variables.get("params", {})
+    own = {name: nn.meta.unbox(value) for name, value in params.items() if not isinstance(value, Mapping)}
+    return {name: value for name, value in own.items() if jnp.ndim(value) >= 2}
+
+
+def _traced_uses(next_fun, args, kwargs, own: dict[str, Any], module_path: Path, uses: dict[Path, ParamUse]):
+    """Runs one method call through its jaxpr, noting how it uses each of ``own``; returns the call's output."""
+    traced = _contractions.trace_call(next_fun, args, kwargs)
+
+    def use_of(name: str) -> ParamUse:
+        value = own[name]
+        return uses.setdefault(module_path + (name,), ParamUse(tuple(value.shape), value.dtype))
+
+    def note(contraction: _contractions.Contraction, invals) -> None:
+        ndim = len(own[contraction.view.param].shape)
+        use = use_of(contraction.view.param)
+        use.roles.append(tuple(contraction.roles[axis] for axis in range(ndim)))
+        use.contractions.add(contraction.eqn.primitive.name)
+
+    outs, others = _contractions.run(traced.closed, traced.arrays, own, note)
+    for name, primitive in others:
+        use_of(name).other.add(primitive)
+    return traced.output(outs)
+
+
+def _is_one_array(value: Any) -> bool:
+    return isinstance(value, (jax.Array, jax.core.Tracer)) and jnp.ndim(value) >= 1
+
+
 def trace_layers(apply_fn: Callable, variables: Any, args: tuple, kwargs: dict) -> Trace:
     """Traces ``apply_fn(variables, *args, **kwargs)`` abstractly and returns what modules it called."""
     module_types: dict[Path, str] = {}
@@ -110,14 +190,35 @@ def trace_layers(apply_fn: Callable, variables: Any, args: tuple, kwargs: dict) 
     layer_outputs: dict[Path, Any] = {}
     boundary_views: dict[Path, dict[Path, int]] = {}
     found_heads: set[Path] = set()
+    param_uses: dict[Path, ParamUse] = {}
+    module_outputs: dict[Path, jax.ShapeDtypeStruct] = {}
+    param_modules: dict[Path, nn.Module] = {}
+    analysing: set[Path] = set()  # modules whose call is being traced to a jaxpr (their inner calls run plainly)
+
+    def call(next_fun, call_args, call_kwargs, context):
+        module = context.module
+        if context.method_name in ("<lambda>", "setup") or module.scope is None or layer_kind(module) is not None:
+            return next_fun(*call_args, **call_kwargs)
+        path = tuple(module.path)
+        own = own_matrices(module)
+        if not own or path in analysing:
+            return next_fun(*call_args, **call_kwargs)
+        analysing.add(path)
+        param_modules.setdefault(path, module.clone(parent=None))
+        try:
+            return _traced_uses(next_fun, call_args, call_kwargs, own, path, param_uses)
+        finally:
+            analysing.discard(path)
 
     def record(next_fun, call_args, call_kwargs, context):
         module = context.module
-        out = next_fun(*call_args, **call_kwargs)
+        out = call(next_fun, call_args, call_kwargs, context)
         if context.method_name == "<lambda>" or module.scope is None:
             return out
         path = tuple(module.path)
         module_types.setdefault(path, type(module).__name__)
+        if context.method_name == "__call__" and path not in module_outputs and _is_one_array(out):
+            module_outputs[path] = jax.ShapeDtypeStruct(out.shape, out.dtype)
         root = _root_scope(module.scope)
         if root.path and tuple(root.path) not in boundary_views:
             boundary_views[tuple(root.path)] = _leaf_ndims(root.variables().get("params", {}))
@@ -127,6 +228,8 @@ def trace_layers(apply_fn: Callable, variables: Any, args: tuple, kwargs: dict) 
             inputs = call_args[0] if call_args else next(iter(call_kwargs.values()))
             layer_calls[path] = (module.clone(parent=None), tuple(kernel.shape), kernel.dtype, jax.numpy.ndim(inputs))
             layer_outputs[path] = out
+        elif path in param_modules and context.method_name == "__call__":
+            layer_outputs.setdefault(path, out)
         return out
 
     def traced(variables):
@@ -168,7 +271,44 @@ def trace_layers(apply_fn: Callable, variables: Any, args: tuple, kwargs: dict) 
         layers[path] = Layer(path, kind, module, kernel_shape, dtype, input_ndim, stack_shape,
                              virtual_paths(path), is_output)
     module_virtual_paths = {p: virtual_paths(p) for p in module_types}
-    return Trace(layers, module_types, module_virtual_paths, full_shapes)
+    params = {key: _param_layer(key, use, param_modules[key[:-1]], full_shapes, virtual_paths(key[:-1]),
+                                key[:-1] in found_heads or bool(key[:-1]) and key[-2] in OUTPUT_HEAD_NAMES)
+              for key, use in param_uses.items() if use.roles}
+    return Trace(layers, module_types, module_virtual_paths, full_shapes, param_uses, params, module_outputs)
+
+
+def stock_kernel_roles(layer: Layer) -> tuple[str, ...] | None:
+    """The roles of a stock layer's kernel axes (its input axes, then its output axes), None when they are not
+    that simple (a DenseGeneral with batch_dims, an Einsum whose kernel mixes them)."""
+    ndim, module = len(layer.kernel_shape), layer.module
+    if layer.kind in ("dense", "embed"):
+        return ("in", "out")
+    if layer.kind == "conv":
+        return ("in",) * (ndim - 1) + ("out",)
+    if layer.kind == "dense_general":
+        if tuple(module.batch_dims):
+            return None
+        n_in = len(module.axis) if isinstance(module.axis, (tuple, list)) else 1
+        return ("in",) * n_in + ("out",) * (ndim - n_in)
+    inputs, out = module.einsum_str.replace(" ", "").split("->")
+    x_spec, k_spec = inputs.split(",")
+    return tuple("in" if c in x_spec and c not in out else "batch" if c in x_spec else "out" for c in k_spec)
+
+
+def fallback_roles(ndim: int) -> tuple[str, ...]:
+    """The roles of a parameter's axes when no contraction shows them: a kernel's layout, input then output, with
+    any leading axes one adapter per entry (experts)."""
+    return ("batch",) * (ndim - 2) + ("in", "out")
+
+
+def _param_layer(key: Path, use: ParamUse, module: nn.Module, full_shapes: dict, virtual: dict,
+                 is_output: bool) -> Layer:
+    """The ``"param"`` layer of a parameter its module multiplies; its roles are those of its first contraction
+    (``roles`` is empty when its contractions disagree: ``resolve_layers`` reports it)."""
+    full = full_shapes.get(key, use.shape)
+    roles = use.roles[0] if all(roles == use.roles[0] for roles in use.roles) else ()
+    return Layer(key, "param", module, use.shape, use.dtype, 0, tuple(full[: len(full) - len(use.shape)]),
+                 virtual, is_output, roles, tuple(sorted(use.contractions)))
 
 
 def _stacking_boundaries(boundary_views: dict[Path, dict[Path, int]],

@@ -9,6 +9,7 @@ function, so every trace of the rewritten apply sees the adapters and the origin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import unicodedata
@@ -21,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxpeft import _targets
-from jaxpeft._tracing import Layer, Trace, trace_layers
+from jaxpeft import _targets, _tracing
+from jaxpeft._tracing import OWN_PARAMS, PARAM_SLOTS, TARGET_PARAMS, Layer, Trace, trace_layers
 from jaxpeft.config import PeftConfig
 from jaxpeft.tree import ADAPTER_KEYS, SAVED_MODULES_KEY, adapter_names, flatten, strip_adapters, unflatten_like
 
@@ -276,7 +277,40 @@ def _own_adapter_names(module: nn.Module) -> set[str]:
     found: set[str] = set()
     for key in ADAPTER_KEYS.intersection(params):
         found.update(params[key])
+    for slot in PARAM_SLOTS:  # adapters on the module's own parameters
+        for leaves in params.get(slot, {}).values():
+            for key in ADAPTER_KEYS.intersection(leaves):
+                found.update(leaves[key])
     return found
+
+
+def own_param_leaves(module: nn.Module, adapter_name: str, leaf_keys: tuple[str, ...],
+                     slot: str = OWN_PARAMS) -> dict[str, dict[str, Any]]:
+    """``{parameter: {leaf key: leaf}}`` of the named adapter on the module's own parameters (kept in ``slot``)."""
+    found = {}
+    for name, leaves in module.variables.get("params", {}).get(slot, {}).items():
+        if adapter_name in leaves.get(leaf_keys[0], {}):
+            found[name] = {key: nn.meta.unbox(leaves[key][adapter_name]) for key in leaf_keys if key in leaves}
+    return found
+
+
+class OwnParamCalls:
+    """Runs module calls that hold an adapter on their own parameters through their jaxpr, once per module: the
+    module's inner calls (one method calling another) run plainly inside that trace, so nothing is adapted
+    twice."""
+
+    def __init__(self):
+        self._active: set[tuple] = set()
+
+    def __call__(self, module: nn.Module, next_fun: Callable, args, kwargs, through: Callable[[], Any]) -> Any:
+        key = (tuple(module.path), id(module.scope))
+        if key in self._active:
+            return next_fun(*args, **kwargs)
+        self._active.add(key)
+        try:
+            return through()
+        finally:
+            self._active.discard(key)
 
 
 def _run_saved_copy(name: str, args, kwargs, context):
@@ -327,6 +361,17 @@ def _mixed_apply(apply_fn: Callable, configs: dict[str, PeftConfig], variables: 
         finally:
             running.pop()
 
+    fresh_as: dict[tuple, str] = {}  # a module (path, scope) called afresh -> the adapter its own parameters take
+
+    def own_params_as(name, args, kwargs, context):
+        # A fresh call in which only the module's own parameters take adapter ``name``: its submodules stay mixed.
+        key = (tuple(context.module.path), id(context.module.scope))
+        fresh_as[key] = name
+        try:
+            return getattr(context.module, context.method_name)(*args, **kwargs)
+        finally:
+            fresh_as.pop(key, None)
+
     def select(row_mask, adapted, out):
         if jnp.ndim(out) == 0 or jnp.shape(out)[0] != batch_size:
             raise AdapterError(f"a mixed batch needs the batch on axis 0 of every adapted module's output; got an "
@@ -336,11 +381,16 @@ def _mixed_apply(apply_fn: Callable, configs: dict[str, PeftConfig], variables: 
     def mixed(next_fun, args, kwargs, context):
         if running:  # inside a module that runs as one adapter: it and its submodules run as that adapter
             return run_as(running[-1], next_fun, args, kwargs, context)
+        fresh = fresh_as.pop((tuple(context.module.path), id(context.module.scope)), None)
+        if fresh is not None:
+            return next_fun(*args, **kwargs) if fresh == BASE else single[fresh](next_fun, args, kwargs, context)
         # Adapters change ``__call__``; saved copies (modules_to_save) replace every public method, e.g. attend.
         # Other methods (setup, private helpers) run once, as they are.
-        saved_copies = context.module.variables.get("params", {}).get(SAVED_MODULES_KEY, {})
+        params = context.module.variables.get("params", {})
+        saved_copies = params.get(SAVED_MODULES_KEY, {})
+        own_params = any(slot in params for slot in PARAM_SLOTS)
         method = context.method_name
-        if method != "__call__" and (method.startswith("_") or method == "setup" or not saved_copies):
+        if method != "__call__" and (method.startswith("_") or method == "setup" or not (saved_copies or own_params)):
             return next_fun(*args, **kwargs)
         here = [name for name in mix.names if name in _own_adapter_names(context.module)]
         if not here:
@@ -350,9 +400,10 @@ def _mixed_apply(apply_fn: Callable, configs: dict[str, PeftConfig], variables: 
                 out = adapt(next_fun, args, kwargs, context, here)
                 if out is not None:
                     return out
-        out = call_again_as(BASE, args, kwargs, context)
+        run = own_params_as if own_params and not saved_copies else call_again_as
+        out = run(BASE, args, kwargs, context)
         for name in here:
-            adapted = call_again_as(name, args, kwargs, context)
+            adapted = run(name, args, kwargs, context)
             row_mask = mix.index == mix.names.index(name)
             out = jax.tree_util.tree_map(functools.partial(select, row_mask), adapted, out)
         return out
@@ -473,6 +524,20 @@ def layer_groups(variables: Any, adapter_name: str, leaf_keys: tuple[str, ...]) 
     return groups
 
 
+def _weight_path(group: Path, name: str) -> Path:
+    """Where a group of adapter leaves at ``group`` finds base parameter ``name``: beside the leaves in a layer, or,
+    for the leaves of one parameter (``<module>/<slot>/<parameter>``), in the module."""
+    return group[:-2] + (name,) if len(group) >= 2 and group[-2] in PARAM_SLOTS else group + (name,)
+
+
+def _weights_of(flat: dict[Path, Any], group: Path) -> dict[str, Any]:
+    """The base parameters a group of adapter leaves changes: its layer's, or the one parameter it follows."""
+    if len(group) >= 2 and group[-2] in PARAM_SLOTS:
+        location = _weight_path(group, group[-1])
+        return {group[-1]: flat[location]} if location in flat else {}
+    return {p[-1]: leaf for p, leaf in flat.items() if p[:-1] == group}
+
+
 def _apply_to_layers(variables: Any, config: PeftConfig, adapters: Any, adapter_name: str, sign: float) -> Any:
     method = method_for(config)
     if not hasattr(method, "merge_layer"):
@@ -489,16 +554,15 @@ def _apply_to_layers(variables: Any, config: PeftConfig, adapters: Any, adapter_
         if missing:
             raise AdapterError(f"adapter {adapter_name!r} at {'.'.join(path)} lacks {', '.join(missing)}; pass the "
                                "whole variables tree that holds the adapter")
-        layer_params = {p[-1]: leaf for p, leaf in flat.items() if p[:-1] == path}
+        layer_params = _weights_of(flat, path)
         if not layer_params:
             raise AdapterError(f"layer {'.'.join(path)} of the adapter is not in the variables")
         if original_flat is not None:
-            original_params = {p[-1]: leaf for p, leaf in original_flat.items() if p[:-1] == path}
-            new_params = method.unmerge_layer(config, layer_params, leaves, original_params)
+            new_params = method.unmerge_layer(config, layer_params, leaves, _weights_of(original_flat, path))
         else:
             new_params = method.merge_layer(config, layer_params, leaves, sign)
         for name, leaf in new_params.items():
-            flat[path + (name,)] = leaf
+            flat[_weight_path(path, name)] = leaf
     return _with_params(variables, unflatten_like(flat, variables["params"]))
 
 
@@ -592,7 +656,7 @@ def resolve_layers(config: Any, trace: Trace, kinds: tuple[str, ...], *, method_
         if _targets.is_saved_module(name, getattr(config, "modules_to_save", None)):
             return False
         if all_linear:
-            return layer is not None and layer.kind in ("dense", "dense_general", "einsum") and not layer.is_output
+            return layer is None or layer.kind in ("dense", "dense_general", "einsum") and not layer.is_output
         if not _targets.matches(name, targets):
             return False
         if isinstance(targets, str):
@@ -607,17 +671,116 @@ def resolve_layers(config: Any, trace: Trace, kinds: tuple[str, ...], *, method_
         hits = {index: name for index, name in virtual.items() if (path or layer) and targeted(name, layer)}
         if not hits:
             continue
+        if layer is None and "param" in kinds:
+            found = own_parameter_layers(trace, path, hits, method_name, strict=not all_linear)
+            if found:
+                selected.update(found)
+                continue
+        if layer is None and all_linear:
+            continue
         if layer is None or layer.kind not in kinds:
             kind = trace.module_types[path] if layer is None else type(layer.module).__name__
             unsupported.append(f"{hits[next(iter(hits))]!r} (a {kind})")
             continue
-        selected[path] = Layer(layer.path, layer.kind, layer.module, layer.kernel_shape, layer.kernel_dtype,
-                               layer.input_ndim, layer.stack_shape, hits, layer.is_output)
+        selected[path] = dataclasses.replace(layer, virtual_paths=hits)
     # A regex may also match the modules that contain layers; a listed name must be a layer.
     if unsupported and (not selected or not isinstance(targets, str)):
+        stock = ", ".join(kind for kind in kinds if kind != "param")
+        own = " and modules that multiply their own parameters with an input" if "param" in kinds else ""
         raise AdapterError(f"target_modules matched {', '.join(unsupported[:3])}, which {method_name} cannot adapt; "
-                           f"it adapts {', '.join(kinds)} layers: narrow target_modules")
+                           f"it adapts {stock} layers{own}: narrow target_modules")
     if not selected:
         raise AdapterError(f"target_modules={targets!r} matched no layer; modules that exist: "
                            f"{trace.existing_paths()}")
     return selected
+
+
+def _parameter_candidates(trace: Trace) -> dict[Path, Layer]:
+    """Every parameter of two or more axes a ``target_parameters`` entry may name, as a ``"param"`` layer keyed
+    ``(*module path, parameter)``: stock layers' kernels, and the parameters other modules use (their roles from
+    the contractions they meet, else a kernel's layout)."""
+    candidates = {}
+    for path, layer in trace.layers.items():
+        roles = _tracing.stock_kernel_roles(layer)
+        if roles is not None:
+            name = "embedding" if layer.kind == "embed" else "kernel"
+            candidates[path + (name,)] = dataclasses.replace(layer, path=path + (name,), kind="param", roles=roles)
+    for key, use in trace.param_uses.items():
+        layer = trace.params.get(key)
+        if layer is None or not layer.roles:
+            virtual = trace.module_virtual_paths.get(key[:-1], {(): ".".join(key[:-1])})
+            full = trace.param_shapes.get(key, use.shape)
+            layer = Layer(key, "param", None, use.shape, use.dtype, 0, tuple(full[: len(full) - len(use.shape)]),
+                          virtual, False, _tracing.fallback_roles(len(use.shape)))
+        candidates[key] = layer
+    return candidates
+
+
+def parameter_layer(trace: Trace, key: Path) -> Layer | None:
+    """The ``"param"`` layer of parameter ``(*module path, name)``: the roles of its axes, as ``target_parameters``
+    and adapter files see them."""
+    return _parameter_candidates(trace).get(key)
+
+
+def resolve_parameters(config: Any, trace: Trace) -> dict[Path, Layer]:
+    """The parameters ``config.target_parameters`` names (``<module path>.<parameter>``, matched as
+    ``target_modules`` is: a dotted suffix, or a full-match regex), as ``"param"`` layers keyed
+    ``<module path>/target_parameters/<parameter>``; ``exclude_modules`` and ``layers_to_transform`` apply to the
+    module's path."""
+    targets = config.target_parameters
+    selected = {}
+    candidates = _parameter_candidates(trace)
+    for key, layer in candidates.items():
+        hits = {}
+        for index, module_name in layer.virtual_paths.items():
+            name = f"{module_name}.{key[-1]}" if module_name else key[-1]
+            if (_targets.matches(name, targets) and not _targets.matches(module_name, config.exclude_modules)
+                    and (isinstance(targets, str) or _targets.in_layers(module_name, config.layers_to_transform,
+                                                                        config.layers_pattern))):
+                hits[index] = name
+        if hits:
+            path = key[:-1] + (TARGET_PARAMS, key[-1])
+            selected[path] = dataclasses.replace(layer, path=path, virtual_paths=hits)
+    if not selected:
+        names = [f"{m}.{key[-1]}" if m else key[-1] for key, layer in candidates.items()
+                 for m in list(layer.virtual_paths.values())[:1]]
+        shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+        raise AdapterError(f"target_parameters={targets!r} matched no parameter of two or more axes; parameters "
+                           f"that exist: {shown or 'none'}")
+    return selected
+
+
+def own_parameter_layers(trace: Trace, path: Path, hits: dict, method_name: str, *,
+                         strict: bool = True) -> dict[Path, Layer]:
+    """The ``"param"`` layers of a module that ``target_modules`` matched (``hits``: its matched stack indices):
+    each of its own parameters that it multiplies with an input, keyed ``<module path>/own_params/<parameter>``.
+    A module that uses such a parameter in a way a method cannot follow is a one-line error (``strict``) or is
+    left out."""
+    name = hits[next(iter(hits))]
+    uses = {key[-1]: use for key, use in trace.param_uses.items() if key[:-1] == path}
+    layers = trace.param_layers(path)
+    if not strict:
+        layers = [layer for layer in layers if layer.roles and not uses[layer.param_name].other and not layer.is_output
+                  and set(layer.contractions) == {"dot_general"}]
+    elif uses and not layers:
+        described = ", ".join(f"{param} (in {', '.join(sorted(use.other))})" for param, use in uses.items())
+        raise AdapterError(f"target_modules matched {name!r}, which multiplies none of its own parameters with an "
+                           f"input (it uses {described}); adapt a parameter with "
+                           f"target_parameters=['{name}.<parameter>'] instead")
+    for layer in layers:
+        use = uses[layer.param_name]
+        if not layer.roles or use.other:
+            why = (f"also uses it in {', '.join(sorted(use.other))}" if use.other else
+                   "multiplies it in contractions that disagree on its input and output axes")
+            raise AdapterError(f"{method_name} cannot follow parameter {layer.param_name!r} of {name!r}: the module "
+                               f"{why}; adapt it as a whole with target_parameters=['{name}.{layer.param_name}'] "
+                               "or exclude the module")
+        others = sorted(set(layer.contractions) - {"dot_general"})
+        if others:  # adapters follow dot products (einsum, dot, matmul, @); a convolution needs the whole parameter
+            raise AdapterError(f"{method_name} cannot follow parameter {layer.param_name!r} of {name!r}, which meets "
+                               f"the input in {', '.join(others)}; adapt it as a whole with "
+                               f"target_parameters=['{name}.{layer.param_name}'] instead")
+    return {path + (OWN_PARAMS, layer.param_name): dataclasses.replace(layer, path=path + (OWN_PARAMS,
+                                                                                          layer.param_name),
+                                                                        virtual_paths=hits)
+            for layer in layers}

@@ -53,9 +53,9 @@ import safetensors
 import safetensors.numpy
 
 from jaxpeft import _targets, outputs
-from jaxpeft._tracing import Layer, Trace, trace_layers
+from jaxpeft._tracing import PARAM_SLOTS, Layer, Trace, trace_layers
 from jaxpeft.config import CONFIG_CLASSES, ConfigError, PeftConfig, config_class
-from jaxpeft.core import AdapterError, Method, check_adapter_name, init_adapters, method_for
+from jaxpeft.core import AdapterError, Method, check_adapter_name, init_adapters, method_for, parameter_layer
 from jaxpeft.methods.lora import MAGNITUDE, kernel_axes
 from jaxpeft.tree import (
     ADAPTER_KEYS,
@@ -261,6 +261,38 @@ def _ia3_tensors(config: Any, layer: Layer, name: str, shapes: dict[Path, tuple[
 _TORCH_LAYOUTS = {"LORA": _lora_tensors, "IA3": _ia3_tensors}
 
 
+def _param_factor_layout(roles: tuple[str, ...], factor: str, jax_shape: tuple[int, ...]):
+    """(torch shape, to_hf, from_hf) of LoRA's A or B on one parameter, as HF PEFT's ``ParamWrapper`` keeps them:
+    A ``[experts * r, in]`` (rows expert by expert), B ``[out, r * experts]`` (columns rank by rank); without
+    leading expert axes, a Linear's ``[r, in]`` and ``[out, r]``. jaxpeft keeps both in the parameter's axis order
+    (size 1 where they do not vary), then the rank."""
+    dropped = "out" if factor == "lora_A" else "in"
+    kept = [i for i, role in enumerate(roles) if role != dropped]
+    groups = {role: [kept.index(i) for i, r in enumerate(roles) if r == role and i in kept]
+              for role in ("batch", "in", "out")}
+    rank_axis = len(kept)
+    order = (groups["batch"] + [rank_axis] + groups["in"] if factor == "lora_A"
+             else groups["out"] + [rank_axis] + groups["batch"])
+    squeezed = tuple(jax_shape[i] for i in kept) + (jax_shape[-1],)
+    moved = tuple(squeezed[i] for i in order)
+    split = 1 + len(groups["batch"]) if factor == "lora_A" else len(groups["out"])
+    hf_shape = (math.prod(moved[:split]), math.prod(moved[split:]))
+    inverse = tuple(np.argsort(order))
+
+    def to_hf(x):
+        return np.transpose(x.reshape(squeezed), order).reshape(hf_shape)
+
+    def from_hf(t):
+        return np.transpose(np.asarray(t).reshape(moved), inverse).reshape(jax_shape)
+
+    return hf_shape, to_hf, from_hf
+
+
+def _param_lora_tensors(layer: Layer, shapes: dict[Path, tuple[int, ...]]) -> dict:
+    return {f"{factor}.weight": ((factor,), _param_factor_layout(layer.roles, factor, shapes[(factor,)]))
+            for factor in ("lora_A", "lora_B")}
+
+
 def _own_tensors(shapes: dict[Path, tuple[int, ...]]) -> dict:
     return {".".join(key): (key, _plain_layout(shape, flat=False)) for key, shape in shapes.items()
             if key[0] not in CONSTANT_KEYS}
@@ -347,8 +379,12 @@ def _slots(config: PeftConfig, trace: Trace, flat: dict[Path, Any], adapter_name
     adapter_slots: dict[str, _Slot] = {}
     adapted: dict[Path, dict] = {}
     torch_layout = _TORCH_LAYOUTS.get(config.peft_type)
-    for module_path, leaves in _adapter_leaves(flat, adapter_name).items():
+    groups = _adapter_leaves(flat, adapter_name)
+    for module_path, leaves in groups.items():
         if not module_path and not top_level:
+            continue
+        if len(module_path) >= 2 and module_path[-2] in PARAM_SLOTS:
+            adapter_slots.update(_param_slots(config, trace, flat, module_path, leaves, groups))
             continue
         virtual = trace.module_virtual_paths.get(module_path) if module_path else {(): ""}
         layer = trace.layers.get(module_path)
@@ -389,6 +425,33 @@ def _slots(config: PeftConfig, trace: Trace, flat: dict[Path, Any], adapter_name
             continue
         _add_base_slot(base_slots, trace, path, path, leaf, conv1d, adapted.get(path[:-1], {}))
     return adapter_slots, base_slots
+
+
+def _param_slots(config: PeftConfig, trace: Trace, flat: dict[Path, Any], group: Path, leaves: dict[Path, Path],
+                 groups: dict) -> dict[str, _Slot]:
+    """The tensors of an adapter on one parameter (``<module>/<slot>/<parameter>``), named as HF PEFT names its
+    ``ParamWrapper``: the module's path, then ``base_layer.`` once for every adapted parameter of the same module
+    that comes after this one (HF PEFT wraps the first parameter innermost, the module's first use of it counting
+    as its place), then the tensor's name."""
+    module_path, param = group[:-2], group[-1]
+    virtual = trace.module_virtual_paths.get(module_path)
+    layer = parameter_layer(trace, module_path + (param,))
+    if not virtual or layer is None:
+        raise AdapterError(f"the adapter has leaves for parameter {param!r} of {'.'.join(module_path)}, which the "
+                           "sample call does not use; pass the model's apply function and inputs it adapts")
+    stack_ndim = len(next(iter(virtual)))
+    shapes = {key: tuple(np.shape(nn.meta.unbox(flat[path])))[stack_ndim:] for key, path in leaves.items()}
+    tensors = (_param_lora_tensors(layer, shapes) if config.peft_type == "LORA" else _own_tensors(shapes))
+    # HF PEFT wraps a module's parameters in the order the module registers them: the order the call uses them
+    order = list(dict.fromkeys([key[-1] for key in trace.param_uses if key[:-1] == module_path]
+                               + [key[-1] for key in trace.param_shapes if key[:-1] == module_path]))
+    adapted_here = {g[-1] for g in groups if g[:-2] == module_path and len(g) >= 2 and g[-2] == group[-2]}
+    depth = sum(1 for name in order[order.index(param) + 1:] if name in adapted_here)
+    slots = {}
+    for index, name in _covered(flat, leaves, virtual).items():
+        for suffix, (key, layout) in tensors.items():
+            slots[_join(name, "base_layer." * depth + suffix)] = _Slot(leaves[key], index, shapes[key], *layout)
+    return slots
 
 
 def _add_base_slot(slots: dict[str, _Slot], trace: Trace, leaf_path: Path, module_leaf_path: Path, leaf: Any,

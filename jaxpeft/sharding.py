@@ -5,7 +5,9 @@ The models of ``jaxpeft.models`` name the axes of every parameter (``embed``, ``
 same. ``rules`` map those names to the axes of a mesh (``data``, ``fsdp``, ``tensor``), and each adapter leaf takes
 its axes from the weight it adapts, as its method declares (``jaxpeft.tree.LEAF_LAYOUTS``): LoRA's A follows the
 weight's input axes, B its output axes, the rank axis is never sharded, and scanned layers keep their layer axis.
-A leaf without logical names is replicated.
+Leaves on a module's own parameter (``own_params``, ``target_parameters``) keep that parameter's axes, so an
+expert's A and B are sharded as the expert tensor is (``exp``, replicated by the default rules). A leaf without
+logical names is replicated.
 
 Over several hosts, each process calls ``initialize_distributed`` first, builds the same mesh over all devices,
 and passes its own rows of each batch to ``shard_batch`` (``jax.make_array_from_process_local_data``).
@@ -37,6 +39,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxpeft._tracing import PARAM_SLOTS
 from jaxpeft.tree import ADAPTER_KEYS, LEAF_LAYOUTS, SAVED_MODULES_KEY, flatten, unflatten_like
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -51,6 +54,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv", "tensor"),
     ("vocab", "tensor"),
+    ("exp", None),
 )
 WEIGHT_NAMES = ("kernel", "embedding")
 ENVIRONMENT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -205,8 +209,25 @@ def _layer_reference(base: dict, layer: tuple[str, ...], layout: tuple) -> tuple
     return None
 
 
+def _param_slot_spec(path: tuple[str, ...], shape: tuple[int, ...], base: dict) -> tuple | None:
+    """The logical axes of a leaf on a module's own parameter (``<module>/<slot>/<parameter>/<key>/<adapter>``):
+    such leaves keep the parameter's axes in its order (size 1 where they do not vary), then their own (the rank).
+    None when ``path`` is not in a slot."""
+    index = next((i for i, key in enumerate(path[:-3]) if key in PARAM_SLOTS), None)
+    if index is None:
+        return None
+    reference = base.get(path[:index] + (path[index + 1],))
+    if reference is None:
+        return (None,) * len(shape)
+    kept = tuple(None if size == 1 else name for name, size in zip(reference, shape, strict=False))
+    return kept + (None,) * (len(shape) - len(kept))
+
+
 def _adapter_spec(path: tuple[str, ...], shape: tuple[int, ...], base: dict, flat_shapes: dict) -> tuple:
     """The logical axes of the adapter leaf at ``path``, from the weight it adapts."""
+    slot_spec = _param_slot_spec(path, shape, base)
+    if slot_spec is not None:
+        return slot_spec
     index = next(i for i, key in enumerate(path[:-1]) if key in ADAPTER_KEYS)
     key = path[index]
     if key == SAVED_MODULES_KEY:  # an adapter's own copy of a module: the original's axes

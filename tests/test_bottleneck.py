@@ -444,9 +444,13 @@ def test_mismatches_with_the_model_are_one_line_adapter_errors(options, message)
     assert "\n" not in str(error.value)
 
 
-def test_naming_a_container_instead_of_a_dense_layer_is_an_error(torch_models):
+def test_a_module_that_returns_one_array_takes_an_adapter_and_one_that_does_not_is_an_error(torch_models):
     base = AutoModelForCausalLM.from_pretrained(torch_models["gpt2"][1])
-    with pytest.raises(jaxpeft.AdapterError, match="matched 'transformer.h.0.mlp' \\(a GPT2MLP\\).*Dense"):
-        jaxpeft.get_peft_model(base, AdapterConfig(feedforward_modules=["mlp"], mh_adapter=False))
+    model = jaxpeft.get_peft_model(base, AdapterConfig(feedforward_modules=["mlp"], mh_adapter=False))
+    assert model.params["params"]["transformer"]["h"]["0"]["mlp"]["adapter_down_kernel"]["default"].shape == (32, 2)
+    message = ("matched 'transformer.h.0' \\(a GPT2Block whose output is not one array\\); bottleneck adapters add "
+               "to a module's output")
+    with pytest.raises(jaxpeft.AdapterError, match=message):
+        jaxpeft.get_peft_model(base, AdapterConfig(feedforward_modules=[r"h.0"], mh_adapter=False))
     with pytest.raises(jaxpeft.AdapterError, match="'transformer.h.0.attn.c_attn' matches both"):
         jaxpeft.get_peft_model(base, AdapterConfig(attention_modules=["c_attn"], feedforward_modules=["attn.c_attn"]))

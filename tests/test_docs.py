@@ -12,7 +12,8 @@ MODULES = ["jaxpeft.core", "jaxpeft.tree", "jaxpeft.methods.lora", "jaxpeft.peft
            "jaxpeft.methods.bottleneck", "jaxpeft.hf_format", "jaxpeft.config", "jaxpeft.data",
            "jaxpeft.training", "jaxpeft.trainer",
            "jaxpeft.pipelines", "jaxpeft.evaluation", "jaxpeft.checkpoints", "jaxpeft.cli", "jaxpeft.assets",
-           "jaxpeft.demo", "jaxpeft.sharding", "jaxpeft.outputs", "jaxpeft.progress", "jaxpeft.plots"]
+           "jaxpeft.demo", "jaxpeft.sharding", "jaxpeft.outputs", "jaxpeft.progress", "jaxpeft.plots",
+           "jaxpeft._contractions"]
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 

@@ -1,9 +1,10 @@
 """BitFit: train only the biases (Ben Zaken et al., 2021), without touching the base variables.
 
-Each selected layer gets a bias delta that the rewritten apply adds to its output. The layers are those whose bias
-is added last, so adding a delta to the output is exactly training the bias: Dense, DenseGeneral, Conv and Einsum
-layers and ``nn.LayerNorm``, each only when it has a ``bias`` parameter. Several BitFit adapters (and adapters of
-other methods) can live in the same variables; ``merge`` adds the delta to the bias.
+Each selected module gets a bias delta. Where the bias is added last (Dense, DenseGeneral, Conv and Einsum layers
+and ``nn.LayerNorm``) the rewritten apply adds the delta to the module's output; any other module with its own
+``bias`` parameter (a library's own layer, whatever it does with it) runs with ``bias + delta`` in place of its
+bias. Either way this is exactly training the bias. Several BitFit adapters (and adapters of other methods) can live
+in the same variables; ``merge`` adds the delta to the bias.
 
 Leaves kept in a selected layer's parameters, for adapter ``name``:
 
@@ -26,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft import _targets
+from jaxpeft import _contractions, _targets
 from jaxpeft._tracing import Layer, Trace, layer_kind
 from jaxpeft.config import PeftConfig, check, register_config, strict_options
-from jaxpeft.core import AdapterError, register_method
+from jaxpeft.core import AdapterError, OwnParamCalls, register_method
 from jaxpeft.tree import register_adapter_keys
 
 Path = tuple[str, ...]
@@ -44,7 +45,7 @@ class BitFitConfig(PeftConfig):
     """BitFit options.
 
     Attributes:
-        target_modules: None (every Dense, DenseGeneral, Conv, Einsum and LayerNorm that has a bias), module names
+        target_modules: None (every module that has its own ``bias`` parameter), module names
             or dotted path suffixes (list), or a full-match regex on the dotted path (string), as in HF PEFT.
         exclude_modules: the same forms, for modules whose bias stays frozen.
         modules_to_save: modules trained in full (e.g. a new classification head), as adapter-owned copies.
@@ -104,14 +105,11 @@ def _layer_bias_shape(layer: Layer) -> tuple[int, ...] | None:
 
 def _bias_shape(trace: Trace, path: Path) -> tuple[int, ...] | None:
     """The stacked shape of the bias of the module at ``path`` if BitFit can train it, else None."""
-    param_shapes = getattr(trace, "param_shapes", None)
     layer = trace.layers.get(path)
     if layer is not None:
         shape = _layer_bias_shape(layer)
         return None if shape is None else layer.stack_shape + shape
-    if trace.module_types.get(path) in NORM_TYPES and param_shapes is not None:
-        return param_shapes.get(path + ("bias",))
-    return None
+    return trace.param_shapes.get(path + ("bias",))
 
 
 def create(key: jax.Array, config: BitFitConfig, trace: Trace, dtype: Any) -> dict[tuple[Path, str], Any]:
@@ -124,10 +122,7 @@ def create(key: jax.Array, config: BitFitConfig, trace: Trace, dtype: Any) -> di
         if not hits:
             continue
         if shape is None:
-            kind = trace.module_types[path]
-            if kind in NORM_TYPES and not getattr(trace, "param_shapes", None):
-                kind += ", whose bias shape this jaxpeft's trace does not record"
-            passed_over.append(f"{virtual[hits[0]]!r} (a {kind})")
+            passed_over.append(f"{virtual[hits[0]]!r} (a {trace.module_types[path]})")
             continue
         active = np.zeros(shape[:len(hits[0])], np.float32)
         for index in hits:
@@ -140,13 +135,12 @@ def create(key: jax.Array, config: BitFitConfig, trace: Trace, dtype: Any) -> di
     if isinstance(config.target_modules, list):
         unmatched = [t for t in config.target_modules if not any(_targets.matches(n, [t]) for n in selected)]
     if not leaves and config.target_modules is None:
-        raise AdapterError("this model has no biases for BitFit to train (it trains those of Dense, DenseGeneral, "
-                           "Conv, Einsum and LayerNorm layers; Llama-family models have none): use another method, "
-                           "e.g. LoRA or IA3")
+        raise AdapterError("this model has no biases for BitFit to train (it trains the parameters named 'bias' "
+                           "of its modules; Llama-family models have none): use another method, e.g. LoRA or IA3")
     if unmatched or not leaves:
         found = ", ".join(passed_over[:3])
-        raise AdapterError(f"target_modules {unmatched or config.target_modules!r} matched no layer with a bias "
-                           "(BitFit trains those of Dense, DenseGeneral, Conv, Einsum and LayerNorm); "
+        raise AdapterError(f"target_modules {unmatched or config.target_modules!r} matched no module with its own "
+                           "'bias' parameter; "
                            + (f"it matched {found}" if found else f"modules that exist: {trace.existing_paths()}"))
     return leaves
 
@@ -170,26 +164,45 @@ def _broadcast_delta(module: nn.Module, delta: jax.Array, x: jax.Array, out: jax
     return delta  # Dense, DenseGeneral, Conv: the bias covers the output's trailing axes
 
 
+def _adds_bias_last(module: nn.Module) -> bool:
+    return layer_kind(module) in LAYER_KINDS or type(module).__name__ in NORM_TYPES
+
+
+def _checked_delta(module: nn.Module, adapter_name: str) -> tuple[jax.Array, jax.Array]:
+    """The module's bias and the named adapter's delta for it (0 on the layers of a stack it leaves alone)."""
+    delta = nn.meta.unbox(module.get_variable("params", "bitfit_bias")[adapter_name])
+    active = nn.meta.unbox(module.get_variable("params", "bitfit_active")[adapter_name])
+    bias = nn.meta.unbox(module.get_variable("params", "bias"))
+    if delta.shape != bias.shape:
+        raise AdapterError(f"adapter {adapter_name!r} at {'.'.join(module.path)} has bitfit_bias {delta.shape}, "
+                           f"which does not fit the layer's bias {bias.shape}: the adapter was made for another model")
+    return bias, _effective(delta, active)
+
+
+def _with_changed_bias(next_fun, args, kwargs, module: nn.Module, adapter_name: str):
+    """A call of a module that uses its bias its own way, run with ``bias + delta`` wherever it uses the bias."""
+    bias, delta = _checked_delta(module, adapter_name)
+    changed = (bias.astype(jnp.float32) + delta).astype(bias.dtype)
+    return _contractions.call_through(next_fun, args, kwargs, {"bias": bias}, replaced={"bias": changed})
+
+
 def interceptor(config: BitFitConfig, adapter_name: str, dropout: bool):
-    """Adds the named adapter's bias delta to the output of each selected layer."""
+    """Adds the named adapter's bias delta to each selected module's bias."""
     del config, dropout
+    own_param_calls = OwnParamCalls()
 
     def adapt(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name != "__call__" or not module.has_variable("params", "bitfit_bias"):
+        if (context.method_name == "setup" or module.scope is None
+                or adapter_name not in module.variables.get("params", {}).get("bitfit_bias", {})):
             return next_fun(*args, **kwargs)
-        by_name = module.get_variable("params", "bitfit_bias")
-        if adapter_name not in by_name:
+        if not _adds_bias_last(module):
+            return own_param_calls(module, next_fun, args, kwargs, lambda: _with_changed_bias(
+                next_fun, args, kwargs, module, adapter_name))
+        if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         out = next_fun(*args, **kwargs)
-        delta = nn.meta.unbox(by_name[adapter_name])
-        active = nn.meta.unbox(module.get_variable("params", "bitfit_active")[adapter_name])
-        bias = nn.meta.unbox(module.get_variable("params", "bias"))
-        if delta.shape != bias.shape:
-            raise AdapterError(f"adapter {adapter_name!r} at {'.'.join(module.path)} has bitfit_bias {delta.shape}, "
-                               f"which does not fit the layer's bias {bias.shape}: the adapter was made for another "
-                               "model")
-        delta = _effective(delta, active)
+        _, delta = _checked_delta(module, adapter_name)
         x = args[0] if args else next(iter(kwargs.values()))
         return out + _broadcast_delta(module, delta, x, out).astype(out.dtype)
 

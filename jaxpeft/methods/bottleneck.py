@@ -20,7 +20,9 @@ Your own models. Name the output projections with ``attention_modules=[...]`` an
 adapter reads the input of the module that holds its output projection (``mlp.c_proj`` reads ``mlp``'s input);
 where that is not the sub-layer's input, say which module to read with ``parallel_inputs``: ``{"ffn_out":
 "ffn_in"}`` replaces the name ending ``ffn_out`` by ``ffn_in`` (the built-in BERT rule is ``{"output.dense":
-"intermediate"}``). Adapters attach to ``nn.Dense`` and ``nn.DenseGeneral`` layers with one output axis.
+"intermediate"}``). Adapters attach to ``nn.Dense`` and ``nn.DenseGeneral`` layers with one output axis, and to
+any other module whose call returns one array (a library's own einsum layer, a whole feed-forward block): ``hidden``
+is the last axis of that output.
 
 Leaves kept in an adapted layer's parameters, for adapter ``name``, with ``hidden`` the layer's output size and
 ``bottleneck = hidden / reduction_factor``:
@@ -75,7 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft import _targets
-from jaxpeft._tracing import Layer, Trace, layer_kind
+from jaxpeft._tracing import Layer, Trace
 from jaxpeft.config import (
     PeftConfig,
     check,
@@ -276,7 +278,7 @@ def _matched_roles(roles: dict[str, Patterns], name: str) -> list[str]:
 
 def _check_patterns(trace: Trace, roles: dict[str, Patterns]) -> None:
     """Errors for listed names that match no module, and for named modules an adapter cannot attach to."""
-    layers = trace.layers
+    layers = attachable_layers(trace)
     for role, patterns in roles.items():
         if patterns is None:
             continue
@@ -291,10 +293,22 @@ def _check_patterns(trace: Trace, roles: dict[str, Patterns]) -> None:
             if isinstance(patterns, str) and any(path in layers for path, _ in matched):
                 continue  # a regex may also match the containers of the layers it names
             for path, name in matched:
-                if path not in layers or layers[path].kind not in KINDS:
+                if path not in layers:
                     kind = trace.module_types[path]
-                    raise AdapterError(f"{_option_name(role)} matched {name!r} (a {kind}); bottleneck adapters "
-                                       "attach to Dense or DenseGeneral output projections: name those instead")
+                    raise AdapterError(f"{_option_name(role)} matched {name!r} (a {kind} whose output is not one "
+                                       "array); bottleneck adapters add to a module's output: name a module that "
+                                       "returns one array, e.g. the sub-layer's output projection")
+
+
+def attachable_layers(trace: Trace) -> dict[Path, Layer]:
+    """The modules an adapter can attach to: Dense and DenseGeneral layers, and any other module (not a stock
+    layer) whose call returns one array, as a layer of kind ``"output"``."""
+    found = {path: layer for path, layer in trace.layers.items() if layer.kind in KINDS}
+    for path, output in trace.module_outputs.items():
+        if path and path not in trace.layers:
+            found[path] = Layer(path, "output", None, tuple(output.shape), output.dtype, 0, trace.stack_shape(path),
+                                trace.module_virtual_paths[path], False)
+    return found
 
 
 def select_layers(config: AdapterConfig, trace: Trace) -> dict[Path, Layer]:
@@ -304,9 +318,7 @@ def select_layers(config: AdapterConfig, trace: Trace) -> dict[Path, Layer]:
     _check_patterns(trace, roles)
     selected: dict[Path, Layer] = {}
     found: dict[str, list[str]] = {role: [] for role in roles}
-    for path, layer in trace.layers.items():
-        if layer.kind not in KINDS:
-            continue
+    for path, layer in attachable_layers(trace).items():
         hits = {}
         for index, name in layer.virtual_paths.items():
             if (_targets.matches(name, config.exclude_modules)
@@ -351,6 +363,8 @@ def parallel_input_path(config: AdapterConfig, path: Path) -> Path:
 # ----- create -----
 
 def _hidden_size(layer: Layer) -> int:
+    if layer.kind == "output":  # kernel_shape holds the output's shape
+        return int(layer.kernel_shape[-1])
     module = layer.module
     features = module.features
     if layer.kind == "dense_general":
@@ -432,9 +446,7 @@ def interceptor(config: AdapterConfig, adapter_name: str, dropout: bool):
         path = tuple(module.path)
         if config.is_parallel:
             module_inputs[path] = _first_argument(args, kwargs)
-        if layer_kind(module) not in KINDS or not module.has_variable("params", "adapter_down_kernel"):
-            return next_fun(*args, **kwargs)
-        down_by_name = module.get_variable("params", "adapter_down_kernel")
+        down_by_name = module.variables.get("params", {}).get("adapter_down_kernel", {})
         if adapter_name not in down_by_name:
             return next_fun(*args, **kwargs)
         out = next_fun(*args, **kwargs)

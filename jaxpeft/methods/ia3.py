@@ -10,7 +10,10 @@ Leaves kept in an adapted layer's parameters, for adapter ``name``:
 - ``ia3_active/<name>``: ``(*stack,)`` float32, 1 for the layers of a scanned stack that the config selects and 0
   for the others (whose scaling stays exactly 1). A constant, never trained.
 
-Adapts Dense, DenseGeneral, Conv and Einsum layers, like HF PEFT's Linear, Conv1D and Conv layers.
+Adapts Dense, DenseGeneral, Conv and Einsum layers, like HF PEFT's Linear, Conv1D and Conv layers, and any module
+that multiplies its own parameters with an input: ``ia3_l`` then follows each such parameter (kept under
+``own_params/<parameter>``, shaped like it with 1 along the axes it does not scale) and scales the output of each
+of its contractions, or their input.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft._tracing import Layer, Trace, layer_kind
+from jaxpeft import _contractions
+from jaxpeft._tracing import Layer, Trace, layer_kind, own_matrices
 from jaxpeft.config import PeftConfig, check, register_config, strict_options
-from jaxpeft.core import AdapterError, register_method, resolve_layers
+from jaxpeft.core import AdapterError, OwnParamCalls, own_param_leaves, register_method, resolve_layers
 from jaxpeft.tree import register_adapter_keys
 
-KINDS = ("dense", "dense_general", "conv", "einsum")
+KINDS = ("dense", "dense_general", "conv", "einsum", "param")
 
 
 # HF PEFT's per-architecture defaults: model type -> (target_modules, feedforward_modules).
@@ -43,6 +47,8 @@ DEFAULT_TARGETS = {
     "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
     "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
     "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma3_text": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
 }
 
 
@@ -178,7 +184,11 @@ def _create_layer(key: jax.Array, config: IA3Config, layer: Layer, dtype: Any) -
         raise AdapterError(f"feedforward_modules makes some of the stacked layers {layer.name} feedforward and others "
                            "not; a scanned stack needs one kind (or load the model without scanned layers)")
     scales_input = feedforward.pop()
-    in_axes, out_axes = _kernel_axes(layer.kind, layer.module, len(layer.kernel_shape), layer.name)
+    if layer.kind == "param":
+        in_axes = tuple(i for i, role in enumerate(layer.roles) if role == "in")
+        out_axes = tuple(i for i, role in enumerate(layer.roles) if role != "in")
+    else:
+        in_axes, out_axes = _kernel_axes(layer.kind, layer.module, len(layer.kernel_shape), layer.name)
     if scales_input and layer.kind == "conv" and layer.module.feature_group_count != 1:
         raise AdapterError(f"IA3 cannot scale the input of grouped Conv {layer.name}; leave it out of "
                            "feedforward_modules")
@@ -214,12 +224,44 @@ def _effective(vector: jax.Array, active: jax.Array) -> jax.Array:
     return jnp.where(active > 0, vector, 1.0)
 
 
+def _scaled_contraction(vector: jax.Array, contraction: _contractions.Contraction, invals: list) -> jax.Array:
+    """A contraction of a parameter with ``ia3_l`` (shaped like the parameter, 1 along the axes it does not scale):
+    its output scaled, or its input when the vector runs along the contracted axes."""
+    roles = contraction.roles
+    scales_output = all(size == 1 for axis, size in enumerate(vector.shape) if roles.get(axis) == "in")
+    if scales_output:
+        out = _contractions.bind(contraction.eqn, invals)[0]
+        return out * _contractions.output_scale(contraction, vector, out.ndim).astype(out.dtype)
+    invals = list(invals)
+    x = invals[1 - contraction.weight]
+    invals[1 - contraction.weight] = x * _contractions.input_scale(contraction, vector, x.ndim).astype(x.dtype)
+    return _contractions.bind(contraction.eqn, invals)[0]
+
+
+def _through_own_params(next_fun, args, kwargs, module: nn.Module, adapter_name: str):
+    """A call of a module that holds the adapter on its own parameters, run through its jaxpr, each contraction of
+    such a parameter scaled by its ``ia3_l``."""
+    vectors = {name: _effective(leaves["ia3_l"], leaves["ia3_active"])
+               for name, leaves in own_param_leaves(module, adapter_name, ("ia3_l", "ia3_active")).items()}
+
+    def scale(contraction, invals):
+        vector = vectors.get(contraction.view.param)
+        return None if vector is None else _scaled_contraction(vector, contraction, invals)
+
+    return _contractions.call_through(next_fun, args, kwargs, own_matrices(module), scale)
+
+
 def interceptor(config: IA3Config, adapter_name: str, dropout: bool):
     """Scales each adapted layer's output by ``ia3_l``, or a feedforward layer's input."""
     del config, dropout
+    own_param_calls = OwnParamCalls()
 
     def adapt(next_fun, args, kwargs, context):
         module = context.module
+        if context.method_name != "setup" and module.scope is not None and own_param_leaves(
+                module, adapter_name, ("ia3_l",)):
+            return own_param_calls(module, next_fun, args, kwargs,
+                                   lambda: _through_own_params(next_fun, args, kwargs, module, adapter_name))
         kind = layer_kind(module)
         if kind not in KINDS or context.method_name != "__call__" or not module.has_variable("params", "ia3_l"):
             return next_fun(*args, **kwargs)
@@ -256,7 +298,8 @@ def merge_layer(config: IA3Config, layer_params: dict, leaves: dict, sign: float
     Computed in float32. Unmerging divides, so it is exact only up to rounding, and impossible where ``ia3_l`` is 0.
     """
     del config
-    kernel = layer_params["kernel"]
+    kernel_name = "kernel" if "kernel" in layer_params else next(iter(layer_params))  # a layer, or one parameter
+    kernel = layer_params[kernel_name]
     kernel_value = nn.meta.unbox(kernel)
     active = jnp.asarray(nn.meta.unbox(leaves["ia3_active"]))
     vector = _effective(jnp.asarray(nn.meta.unbox(leaves["ia3_l"]), jnp.float32), active)
@@ -265,8 +308,8 @@ def merge_layer(config: IA3Config, layer_params: dict, leaves: dict, sign: float
     if not fits:
         raise AdapterError(f"ia3_l {vector.shape} does not fit the layer's kernel {kernel_value.shape}")
     factor = vector if sign > 0 else 1.0 / vector
-    merged = {"kernel": _rebox(kernel, kernel_value.astype(jnp.float32) * factor)}
-    if "bias" in layer_params:
+    merged = {kernel_name: _rebox(kernel, kernel_value.astype(jnp.float32) * factor)}
+    if "bias" in layer_params and kernel_name == "kernel":
         # The bias has the shape of the kernel's output axes, which come last; output scaling is 1 on the others.
         bias = layer_params["bias"]
         bias_value = nn.meta.unbox(bias)

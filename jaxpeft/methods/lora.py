@@ -15,6 +15,15 @@ norm treated as a constant (no gradient), as HF PEFT computes it. PiSSA (``init_
 ``"pissa_niter_<n>"``) starts A and B at the principal singular components of the kernel and leaves the residual in
 the kernel: ``init_adapters`` then returns a changed base kernel.
 
+Modules that are not stock layers (a library's own einsum layer, raw ``self.param`` kernels, experts) keep the
+leaves of each of their own parameters under ``params/<module>/own_params/<parameter>/`` (``target_modules``: A and B
+follow every contraction of the parameter with an input) or ``params/<module>/target_parameters/<parameter>/``
+(``target_parameters``: the parameter becomes ``W + scaling * A B`` wherever the module uses it). Both keep the
+parameter's axes in its order, size 1 where they do not vary (A along the output axes, B along the input axes), then
+the rank. Where a ``target_parameters`` parameter meets the input only in dot products or grouped expert matmuls,
+the update runs factorised too, ``x W + scaling * B(A(x))``, which is the same number; elsewhere (a gather, an
+addition) ``W + scaling * A B`` is formed. PiSSA runs one SVD per layer and per batch entry (expert).
+
 ``A`` is the transpose of HF PEFT's ``lora_A.weight`` ([r, in]) and ``B`` that of ``lora_B.weight`` ([out, r]).
 Plain LoRA's forward pass never forms ``W + BA``: that would cost a full-size weight gradient in training. DoRA needs
 its column norms, computed from ``W + BA`` without gradient.
@@ -32,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft import _targets
-from jaxpeft._tracing import Layer, Trace, layer_kind
+from jaxpeft import _contractions, _targets
+from jaxpeft._tracing import PARAM_SLOTS, TARGET_PARAMS, Layer, Trace, layer_kind, own_matrices
 from jaxpeft.config import (
     PeftConfig,
     check,
@@ -44,15 +53,22 @@ from jaxpeft.config import (
     register_config,
     strict_options,
 )
-from jaxpeft.core import AdapterError, register_method, resolve_layers
+from jaxpeft.core import (
+    AdapterError,
+    OwnParamCalls,
+    own_param_leaves,
+    register_method,
+    resolve_layers,
+    resolve_parameters,
+)
 from jaxpeft.tree import register_adapter_keys
 
 INIT_OPTIONS = (True, False, "gaussian", "pissa")
 PISSA_NITER_PREFIX = "pissa_niter_"
 BIAS_OPTIONS = ("none", "all", "lora_only")
-KINDS = ("dense", "dense_general", "embed", "conv", "einsum")
-DORA_KINDS = ("dense", "dense_general", "conv")
-PISSA_KINDS = ("dense", "dense_general")
+KINDS = ("dense", "dense_general", "embed", "conv", "einsum", "param")
+DORA_KINDS = ("dense", "dense_general", "conv", "param")
+PISSA_KINDS = ("dense", "dense_general", "param")
 MAGNITUDE = "lora_magnitude_vector"
 _RANK = "\u03c1"  # the rank axis in einsum specs: a letter no layer spec uses
 
@@ -68,7 +84,13 @@ class LoraConfig(PeftConfig):
         lora_alpha: scaling numerator: the update is scaled by ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
         lora_dropout: dropout probability on the adapter's input (``'dropout'`` rng stream).
         target_modules: module names or dotted path suffixes (list), a full-match regex on the dotted path
-            (string), or ``"all-linear"`` (every Dense/DenseGeneral/Einsum except the output head).
+            (string), or ``"all-linear"`` (every Dense/DenseGeneral/Einsum except the output head). Besides Flax's
+            layers, any module that multiplies its own parameters with an input (an einsum with any equation, a
+            dot, ``@``) is adapted: A and B follow each such parameter (``own_params``).
+        target_parameters: parameters to adapt as a whole, named ``<module path>.<parameter>`` (a dotted suffix
+            such as ``"mlp.experts.gate_up_proj"``, or a full-match regex), as HF PEFT's option: the parameter
+            becomes ``W + scaling * A B`` wherever the model uses it (sliced per expert, transposed, in a scan).
+            Leading axes beyond its input and output axes get one A and B each (one per expert).
         exclude_modules: the same forms, for modules to leave alone.
         bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"`` (the biases of adapted layers).
         use_rslora: scale by ``lora_alpha / sqrt(r)``.
@@ -95,6 +117,7 @@ class LoraConfig(PeftConfig):
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     target_modules: str | Sequence[str] | None = None
+    target_parameters: str | Sequence[str] | None = None
     exclude_modules: str | Sequence[str] | None = None
     fan_in_fan_out: bool = False
     bias: str = "none"
@@ -133,12 +156,18 @@ class LoraConfig(PeftConfig):
                   f"alpha_pattern[{key!r}]={alpha!r} must be positive and finite")
         self.rank_pattern = {key: plain_number(rank) for key, rank in self.rank_pattern.items()}
         self.alpha_pattern = {key: plain_number(alpha) for key, alpha in self.alpha_pattern.items()}
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+        for name in ("target_modules", "target_parameters", "exclude_modules", "modules_to_save", "layers_pattern"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 value = list(value)
                 check(all(isinstance(v, str) for v in value), f"{name} must hold module names (strings)")
                 setattr(self, name, value)
+        if self.target_parameters is not None and not self.target_parameters:
+            self.target_parameters = None  # torch PEFT writes [] for "none"
+        if self.target_parameters is not None:
+            check(not self.use_dora, "use_dora=True does not work with target_parameters (as in HF PEFT)")
+            check(self.lora_dropout == 0, "lora_dropout must be 0 with target_parameters: the update changes the "
+                                          "parameter itself, so no dropout can act on the input (as in HF PEFT)")
         if self.layers_to_transform is not None:
             self.layers_to_transform = layer_indices("layers_to_transform", self.layers_to_transform)
             check(not isinstance(self.target_modules, str),
@@ -215,7 +244,6 @@ def _create_layer(key: jax.Array, config: LoraConfig, layer: Layer, dtype: Any) 
     if _is_pissa(config) and layer.kind not in PISSA_KINDS:
         raise AdapterError(f"PiSSA cannot initialise {layer.name} (a {type(layer.module).__name__}); it needs "
                            f"{', '.join(PISSA_KINDS)} layers: exclude it or use another init_lora_weights")
-    in_axes, out_axes = kernel_axes(layer)
     ranks = {config.rank_for(name) for name in layer.virtual_paths.values()}
     scalings = {index: config.scaling_for(name) for index, name in layer.virtual_paths.items()}
     if len(ranks) > 1:
@@ -223,7 +251,14 @@ def _create_layer(key: jax.Array, config: LoraConfig, layer: Layer, dtype: Any) 
                            "a scanned stack needs one rank (or load the model without scanned layers)")
     rank = ranks.pop()
     stack = layer.stack_shape
-    a_shape, b_shape = stack + in_axes + (rank,), stack + (rank,) + out_axes
+    if layer.kind == "param":  # both factors keep the parameter's axes (1 where they do not vary), then the rank
+        roles = dict(enumerate(layer.roles))
+        a_shape = stack + _contractions.keepdims_shape(layer.kernel_shape, roles, "out") + (rank,)
+        b_shape = stack + _contractions.keepdims_shape(layer.kernel_shape, roles, "in") + (rank,)
+        in_axes = tuple(size for size, role in zip(layer.kernel_shape, layer.roles, strict=True) if role == "in")
+    else:
+        in_axes, out_axes = kernel_axes(layer)
+        a_shape, b_shape = stack + in_axes + (rank,), stack + (rank,) + out_axes
     key_a, key_b = jax.random.split(key)
     fan_in = int(np.prod(in_axes))
     if layer.kind == "embed":
@@ -249,14 +284,20 @@ def _create_layer(key: jax.Array, config: LoraConfig, layer: Layer, dtype: Any) 
         a = jnp.where(active, a, 0)
         b = jnp.where(active.reshape(stack + (1,) * (len(b_shape) - len(stack))), b, 0)
     leaves = {"lora_A": a, "lora_B": b, "lora_scaling": jnp.asarray(scaling)}
-    if config.use_dora:
-        leaves[MAGNITUDE] = jnp.ones(stack + out_axes, dtype)  # the kernel's norms: set by finish()
+    if config.use_dora:  # the kernel's norms: set by finish()
+        magnitude_shape = b_shape[:-1] if layer.kind == "param" else stack + out_axes
+        leaves[MAGNITUDE] = jnp.ones(magnitude_shape, dtype)
     return leaves
 
 
 def create(key: jax.Array, config: LoraConfig, trace: Trace, dtype: Any) -> dict[tuple[tuple[str, ...], str], Any]:
-    """LoRA leaves for every layer ``config`` targets in the traced model."""
-    layers = resolve_layers(config, trace, KINDS, method_name="LoRA")
+    """LoRA leaves for every layer ``config`` targets in the traced model, and every parameter of
+    ``target_parameters``."""
+    layers = {}
+    if config.target_modules is not None or config.target_parameters is None:
+        layers.update(resolve_layers(config, trace, KINDS, method_name="LoRA"))
+    if config.target_parameters is not None:
+        layers.update(resolve_parameters(config, trace))
     leaves = {}
     for i, (path, layer) in enumerate(sorted(layers.items())):
         for leaf_key, value in _create_layer(jax.random.fold_in(key, i), config, layer, dtype).items():
@@ -269,12 +310,9 @@ def _output_norm(weight: jax.Array, stack_ndim: int, n_out: int) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(weight), axis=tuple(range(stack_ndim, weight.ndim - n_out))))
 
 
-def _pissa(key: jax.Array, config: LoraConfig, a: jax.Array, b: jax.Array, scaling: jax.Array,
-           kernel: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """PiSSA's (A, B, residual kernel) for a stacked kernel, as HF PEFT's ``pissa_init`` on ``W = kernel.T``."""
-    stack, rank = scaling.shape, a.shape[-1]
-    n_in, n_out = math.prod(a.shape[len(stack):-1]), math.prod(b.shape[len(stack) + 1:])
-    weight = kernel.astype(jnp.float32).reshape(stack + (n_in, n_out))
+def _pissa_factors(key: jax.Array, config: LoraConfig, weight: jax.Array, scaling: jax.Array, rank: int):
+    """PiSSA's A ``(..., n_in, r)`` and B ``(..., r, n_out)`` of float32 matrices ``weight`` ``(..., n_in, n_out)``
+    (HF PEFT's ``pissa_init`` on ``W = weight.T``), ``scaling`` broadcast over the leading axes (0: left alone)."""
     niter = _pissa_niter(config.init_lora_weights)
     if niter is None:
         u, s, vh = jnp.linalg.svd(weight, full_matrices=False)
@@ -283,11 +321,43 @@ def _pissa(key: jax.Array, config: LoraConfig, a: jax.Array, b: jax.Array, scali
         u, s, vh = _randomized_svd(key, weight, rank, niter)
     active = scaling != 0
     root = jnp.where(active[..., None], jnp.sqrt(s / jnp.where(active, scaling, 1.0)[..., None]), 0.0)
-    new_a = u * root[..., None, :]
-    new_b = root[..., :, None] * vh
+    return u * root[..., None, :], root[..., :, None] * vh
+
+
+def _pissa(key: jax.Array, config: LoraConfig, a: jax.Array, b: jax.Array, scaling: jax.Array,
+           kernel: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """PiSSA's (A, B, residual kernel) for a stacked kernel, as HF PEFT's ``pissa_init`` on ``W = kernel.T``."""
+    stack, rank = scaling.shape, a.shape[-1]
+    n_in, n_out = math.prod(a.shape[len(stack):-1]), math.prod(b.shape[len(stack) + 1:])
+    weight = kernel.astype(jnp.float32).reshape(stack + (n_in, n_out))
+    new_a, new_b = _pissa_factors(key, config, weight, scaling, rank)
     residual = weight - scaling[..., None, None] * (new_a @ new_b)
     return (new_a.reshape(a.shape).astype(a.dtype), new_b.reshape(b.shape).astype(b.dtype),
             residual.reshape(kernel.shape).astype(kernel.dtype))
+
+
+def _param_pissa(key: jax.Array, config: LoraConfig, a: jax.Array, b: jax.Array, scaling: jax.Array,
+                 weight: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """PiSSA for the factors of one parameter (each in its axis order, size 1 where it does not vary, then the
+    rank): one SVD per entry of its batch and stacking axes, over its input axes (1 in B) by its output axes (1 in
+    A)."""
+    ins = [i for i in range(weight.ndim) if b.shape[i] == 1 and a.shape[i] != 1]
+    outs = [i for i in range(weight.ndim) if a.shape[i] == 1 and b.shape[i] != 1]
+    batch = [i for i in range(weight.ndim) if i not in ins and i not in outs]
+    sizes = [weight.shape[i] for i in batch], [weight.shape[i] for i in ins], [weight.shape[i] for i in outs]
+    matrices = jnp.transpose(weight.astype(jnp.float32), batch + ins + outs).reshape(
+        tuple(sizes[0]) + (math.prod(sizes[1]), math.prod(sizes[2])))
+    scaling = jnp.asarray(scaling, jnp.float32)
+    scaling = jnp.broadcast_to(scaling.reshape(scaling.shape + (1,) * (len(batch) - scaling.ndim)), sizes[0])
+    new_a, new_b = _pissa_factors(key, config, matrices, scaling, a.shape[-1])
+    residual = matrices - scaling[..., None, None] * (new_a @ new_b)
+    order = np.argsort(batch + ins + outs)
+    residual = jnp.transpose(residual.reshape(tuple(sizes[0] + sizes[1] + sizes[2])), order)
+    with_rank = list(order) + [weight.ndim]
+    new_a = jnp.transpose(new_a.reshape(tuple(sizes[0] + sizes[1]) + (1,) * len(outs) + (-1,)), with_rank)
+    new_b = jnp.swapaxes(new_b, -1, -2).reshape(tuple(sizes[0]) + (1,) * len(ins) + tuple(sizes[2]) + (-1,))
+    new_b = jnp.transpose(new_b, with_rank)
+    return new_a.astype(a.dtype), new_b.astype(b.dtype), residual.astype(weight.dtype)
 
 
 def _randomized_svd(key: jax.Array, weight: jax.Array, rank: int, niter: int):
@@ -307,9 +377,22 @@ def finish(key: jax.Array, config: LoraConfig, trace: Trace, leaves: dict, flat_
         return leaves, flat_params
     leaves, flat_params = dict(leaves), dict(flat_params)
     for i, path in enumerate(sorted({path for path, _ in leaves})):
-        boxed = flat_params[path + ("kernel",)]
+        follows_parameter = len(path) >= 2 and path[-2] in PARAM_SLOTS
+        weight_path = path[:-2] + (path[-1],) if follows_parameter else path + ("kernel",)
+        boxed = flat_params[weight_path]
         kernel = jnp.asarray(nn.meta.unbox(boxed))
         a, b, scaling = (leaves[(path, k)] for k in ("lora_A", "lora_B", "lora_scaling"))
+        if follows_parameter:
+            if _is_pissa(config):
+                a, b, kernel = _param_pissa(jax.random.fold_in(key, i), config, a, b, scaling, kernel)
+                leaves[(path, "lora_A")], leaves[(path, "lora_B")] = a, b
+                flat_params[weight_path] = (boxed.replace_boxed(kernel) if isinstance(boxed, nn.meta.AxisMetadata)
+                                            else kernel)
+            if config.use_dora:  # m = ||W + s A B|| over the input axes
+                magnitude = leaves[(path, MAGNITUDE)]
+                changed = kernel.astype(jnp.float32) + param_delta(a, b, scaling)
+                leaves[(path, MAGNITUDE)] = _param_norm(changed, magnitude).astype(magnitude.dtype)
+            continue
         if _is_pissa(config):
             a, b, kernel = _pissa(jax.random.fold_in(key, i), config, a, b, scaling, kernel)
             leaves[(path, "lora_A")], leaves[(path, "lora_B")] = a, b
@@ -373,13 +456,106 @@ def _checked_kernel(module: nn.Module, kind: str, adapter_name: str, a: jax.Arra
     return kernel
 
 
+def param_delta(a: jax.Array, b: jax.Array, scaling: jax.Array) -> jax.Array:
+    """``scaling * A B`` in float32 for the factors of one parameter (each in the parameter's axis order, size 1
+    where it does not vary, then the rank): the change of the parameter, stacked like ``scaling``."""
+    delta = jnp.einsum("...r,...r->...", a.astype(jnp.float32), b.astype(jnp.float32))
+    scaling = jnp.asarray(scaling, jnp.float32)
+    return scaling.reshape(scaling.shape + (1,) * (delta.ndim - scaling.ndim)) * delta
+
+
+def _dropped_out(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+LEAVES = ("lora_A", "lora_B", "lora_scaling", MAGNITUDE)
+
+
+def _through_own_params(next_fun, args, kwargs, module: nn.Module, adapter_name: str, config: LoraConfig,
+                        dropout: bool):
+    """A call of a module that holds the adapter on its own parameters, run through its jaxpr: each contraction of
+    a parameter in ``own_params`` gains ``scaling * B(A(x))``; each parameter of ``target_parameters`` is replaced
+    by ``W + scaling * A B`` wherever the call uses it, or, where the call uses it only in dot products (or grouped
+    expert matmuls) that its factors fit, takes the same, cheaper, path as ``own_params``:
+    ``x (W + s A B) = x W + s B(A(x))``."""
+    own = own_matrices(module)
+    traced = _contractions.trace_call(next_fun, args, kwargs)
+    factored = own_param_leaves(module, adapter_name, LEAVES)
+    whole = own_param_leaves(module, adapter_name, LEAVES, TARGET_PARAMS)
+    if whole:
+        uses = _contractions.factorable_roles(traced, {name: own[name] for name in whole})
+        for name in [n for n in whole if n in uses and n not in factored]:
+            if all(_factors_fit(whole[name], roles) for roles in uses[name]):
+                factored[name] = whole.pop(name)
+    replaced = {name: (own[name].astype(jnp.float32) + param_delta(leaves["lora_A"], leaves["lora_B"],
+                                                                   leaves["lora_scaling"])).astype(own[name].dtype)
+                for name, leaves in whole.items()}
+
+    def add_update(contraction: _contractions.Contraction, invals: list):
+        leaves = factored.get(contraction.view.param)
+        if leaves is None:
+            return None
+        base = _contractions.bind(contraction.eqn, invals)[0]
+        invals = list(invals)
+        x = invals[1 - contraction.weight].astype(base.dtype)
+        invals[1 - contraction.weight] = _dropped_out(module, x, config.lora_dropout) if dropout else x
+        scaling = leaves["lora_scaling"].astype(base.dtype)
+        update = _contractions.low_rank_dot(contraction, invals, leaves["lora_A"].astype(base.dtype),
+                                            leaves["lora_B"].astype(base.dtype), scaling).astype(base.dtype)
+        if MAGNITUDE not in leaves:
+            return base + update
+        # DoRA, as for layers: out + (m / ||W + s A B|| - 1) * x W + m / ||W + s A B|| * s x A B, the norm constant
+        dropped_base = _contractions.bind(contraction.eqn, invals)[0] if dropout else base
+        scale = _contractions.output_scale(contraction, _param_dora_scale(own[contraction.view.param], leaves),
+                                           base.ndim).astype(base.dtype)
+        return base + (scale - 1) * dropped_base + scale * update
+
+    return _contractions.evaluate_traced(traced, own, add_update, replaced)
+
+
+def _factors_fit(leaves: dict, roles: dict[int, str]) -> bool:
+    """Whether LoRA factors kept for a whole parameter fit a contraction's roles of its axes: A constant along the
+    output axes, B along the input axes, both whole along the batch axes."""
+    a, b = leaves["lora_A"].shape, leaves["lora_B"].shape
+    return all((role != "out" or a[axis] == 1) and (role != "in" or b[axis] == 1)
+               and (role != "batch" or a[axis] == b[axis]) for axis, role in roles.items())
+
+
+def _param_norm(weight: jax.Array, magnitude: jax.Array) -> jax.Array:
+    """The L2 norm of a float32 parameter over the axes DoRA's magnitude does not have (its input axes; summing
+    over an axis of size 1 changes nothing), kept as axes of size 1."""
+    axes = tuple(i for i, size in enumerate(magnitude.shape) if size == 1)
+    return jnp.sqrt(jnp.sum(jnp.square(weight), axis=axes, keepdims=True))
+
+
+def _param_dora_scale(weight: jax.Array, leaves: dict) -> jax.Array:
+    """``m / ||W + scaling * A B||`` for one parameter (1 where the layer is left alone), shaped like ``m``; the
+    norm is a constant for the gradient, as HF PEFT's DoRA has it."""
+    changed = weight.astype(jnp.float32) + param_delta(leaves["lora_A"], leaves["lora_B"], leaves["lora_scaling"])
+    magnitude = jnp.asarray(leaves[MAGNITUDE], jnp.float32)
+    scaling = jnp.asarray(leaves["lora_scaling"])
+    active = scaling.reshape(scaling.shape + (1,) * (magnitude.ndim - scaling.ndim)) != 0
+    return jnp.where(active, magnitude / jax.lax.stop_gradient(_param_norm(changed, magnitude)), 1.0)
+
+
+def _holds_param_adapter(module: nn.Module, adapter_name: str) -> bool:
+    params = module.variables.get("params", {})
+    return any(adapter_name in leaves.get("lora_A", {})
+               for slot in PARAM_SLOTS for leaves in params.get(slot, {}).values())
+
+
 def interceptor(config: LoraConfig, adapter_name: str, dropout: bool):
     """Adds the named adapter's update to each adapted layer's output."""
     busy = []
+    own_param_calls = OwnParamCalls()
     dropout = dropout and config.lora_dropout > 0
 
     def adapt(next_fun, args, kwargs, context):
         module = context.module
+        if context.method_name != "setup" and module.scope is not None and _holds_param_adapter(module, adapter_name):
+            return own_param_calls(module, next_fun, args, kwargs, lambda: _through_own_params(
+                next_fun, args, kwargs, module, adapter_name, config, dropout))
         kind = layer_kind(module)
         if (busy or kind is None or context.method_name != "__call__"
                 or not module.has_variable("params", "lora_A")):
@@ -501,13 +677,31 @@ def delta_weight(a: jax.Array, b: jax.Array, scaling: jax.Array) -> jax.Array:
     return scaling.astype(jnp.float32).reshape(stack + (1,) * (product.ndim - len(stack))) * product
 
 
+def _follows_parameter(layer_params: dict, a: jax.Array) -> bool:
+    """Whether the leaves belong to one parameter (each factor keeps its axes, then the rank) rather than a layer."""
+    return len(layer_params) == 1 and a.ndim == jnp.ndim(nn.meta.unbox(next(iter(layer_params.values())))) + 1
+
+
 def merge_layer(config: LoraConfig, layer_params: dict, leaves: dict, sign: float) -> dict:
-    """The layer's kernel (or embedding table) plus ``sign * scaling * A B``, computed in float32."""
-    kernel_name = "embedding" if "embedding" in layer_params else "kernel"
+    """The layer's kernel (or embedding table, or the one parameter the leaves follow) plus
+    ``sign * scaling * A B``, computed in float32."""
+    a, b, scaling = (jnp.asarray(nn.meta.unbox(leaves[k])) for k in ("lora_A", "lora_B", "lora_scaling"))
+    if _follows_parameter(layer_params, a):
+        kernel_name = next(iter(layer_params))
+        kernel = layer_params[kernel_name]
+        value = nn.meta.unbox(kernel)
+        if MAGNITUDE in leaves and sign < 0:
+            raise AdapterError("unmerging a DoRA adapter needs the original kernel; use jaxpeft.unmerge")
+        changed = value.astype(jnp.float32) + sign * param_delta(a, b, scaling)
+        if MAGNITUDE in leaves:
+            changed = _param_dora_scale(value, {**leaves, "lora_A": a, "lora_B": b, "lora_scaling": scaling}) * changed
+        changed = changed.astype(value.dtype)
+        return {kernel_name: kernel.replace_boxed(changed) if isinstance(kernel, nn.meta.AxisMetadata) else changed}
+    else:
+        kernel_name = "embedding" if "embedding" in layer_params else "kernel"
+        delta = delta_weight(a, b, scaling)
     kernel = layer_params[kernel_name]
     value = nn.meta.unbox(kernel)
-    a, b, scaling = (jnp.asarray(nn.meta.unbox(leaves[k])) for k in ("lora_A", "lora_B", "lora_scaling"))
-    delta = delta_weight(a, b, scaling)
     if delta.shape != value.shape:
         raise AdapterError(f"adapter shape {delta.shape} does not fit the layer's {kernel_name} {value.shape}")
     if MAGNITUDE in leaves:
@@ -535,6 +729,15 @@ def unmerge_layer(config: LoraConfig, layer_params: dict, leaves: dict, original
     original kernel (``original_params``, the layer's params in the tree that was merged)."""
     if MAGNITUDE not in leaves:
         return merge_layer(config, layer_params, leaves, -1.0)
+    a = jnp.asarray(nn.meta.unbox(leaves["lora_A"]))
+    if _follows_parameter(layer_params, a):
+        name = next(iter(layer_params))
+        kernel, original = layer_params[name], jnp.asarray(nn.meta.unbox(original_params[name]))
+        b, scaling = (jnp.asarray(nn.meta.unbox(leaves[k])) for k in ("lora_B", "lora_scaling"))
+        factor = _param_dora_scale(original, {**leaves, "lora_A": a, "lora_B": b, "lora_scaling": scaling})
+        value = nn.meta.unbox(kernel)
+        restored = (value.astype(jnp.float32) / factor - param_delta(a, b, scaling)).astype(value.dtype)
+        return {name: kernel.replace_boxed(restored) if isinstance(kernel, nn.meta.AxisMetadata) else restored}
     if "kernel" not in original_params:
         raise AdapterError("unmerging a DoRA adapter needs the original kernel: pass the variables that were merged")
     kernel = layer_params["kernel"]

@@ -179,6 +179,16 @@ def check_prefix_key_values(prefix_key_values, num_layers: int, batch_size: int,
     return num_virtual
 
 
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)``: ``x`` squashed smoothly into ``(-cap, cap)``; ``x`` itself when ``cap`` is None.
+
+    Example:
+        >>> [round(float(v), 2) for v in soft_cap(jnp.array([0.0, 3.0, 1000.0]), 30.0)]
+        [0.0, 2.99, 30.0]
+    """
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
 def dot_product_attention(
     query: jax.Array,
     key: jax.Array,
@@ -187,6 +197,7 @@ def dot_product_attention(
     *,
     prefix_key_value: tuple[jax.Array, jax.Array] | None = None,
     scale: float | None = None,
+    logit_softcap: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     implementation: str | None = None,
@@ -196,14 +207,16 @@ def dot_product_attention(
     ``query`` is ``(batch, T, heads, head_dim)``, ``key``/``value`` ``(batch, S, kv_heads, head_dim)``,
     ``mask`` from ``make_attention_mask`` (its key axis includes the prefix). ``prefix_key_value`` is this layer's
     ``(keys, values)`` of shape ``(batch, P, kv_heads, head_dim)``, put in front of ``key``/``value``.
-    Without dropout this is ``jax.nn.dot_product_attention`` (its XLA implementation unless ``implementation``
-    says ``"cudnn"``); attention dropout (training only) takes an explicit softmax.
+    ``logit_softcap`` caps the scaled scores as ``cap * tanh(scores / cap)`` before the mask (Gemma 2).
+    Without dropout or soft-capping this is ``jax.nn.dot_product_attention`` (its XLA implementation unless
+    ``implementation`` says ``"cudnn"``); attention dropout (training only) and soft-capping take an explicit softmax.
     """
     if prefix_key_value is not None:
         prefix_key, prefix_value = prefix_key_value
         key = jnp.concatenate([prefix_key.astype(key.dtype), key], axis=1)
         value = jnp.concatenate([prefix_value.astype(value.dtype), value], axis=1)
-    if dropout_rate == 0.0 or dropout_rng is None:
+    use_dropout = dropout_rate > 0.0 and dropout_rng is not None
+    if not use_dropout and logit_softcap is None:
         return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=implementation)
 
     batch, q_len, num_heads, head_dim = query.shape
@@ -211,12 +224,14 @@ def dot_product_attention(
     grouped = query.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scale = head_dim**-0.5 if scale is None else scale
     logits = jnp.einsum("btkgh,bskh->bkgts", grouped, key).astype(jnp.float32) * scale
+    logits = soft_cap(logits, logit_softcap)
     mask = mask.reshape(mask.shape[0], 1, 1, *mask.shape[2:])
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(value.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, value)
+    if use_dropout:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(value.dtype), value)
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 

@@ -39,11 +39,15 @@ _FAMILY_FILE_OF_TYPE = {
     "mistral": "llama",
     "qwen2": "llama",
     "qwen3": "llama",
+    "qwen3_moe": "moe",
+    "mixtral": "moe",
     "bert": "bert",
     "roberta": "roberta",
     "distilbert": "distilbert",
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
 }
-_FAMILY_FILES = ("gpt2", "llama", "bert", "roberta", "distilbert")
+_FAMILY_FILES = ("gpt2", "llama", "bert", "roberta", "distilbert", "gemma", "moe")
 _REGISTERED: dict[str, ModelFamily] = {}
 
 _TRANSFORMERS_HEAD_MAPPINGS = {

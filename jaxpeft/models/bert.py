@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpeft.models import attention, encoder_layers
+from jaxpeft.models import activations, attention, encoder_layers
 from jaxpeft.models.encoder_layers import Dtype, EncoderOutput, EncoderSettings
 from jaxpeft.models.family import ModelFamily, ModelOutput
 
@@ -164,7 +164,7 @@ class BertIntermediate(nn.Module):
         hidden_states = encoder_layers.dense(
             settings.intermediate_size, "dense", ("embed", "mlp"), settings, self.dtype, self.param_dtype
         )(hidden_states)
-        return encoder_layers.activation_function(settings.activation)(hidden_states)
+        return activations.activation_function(settings.activation)(hidden_states)
 
 
 class BertLayer(nn.Module):

@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpeft.models import attention, encoder_layers
+from jaxpeft.models import activations, attention, encoder_layers
 from jaxpeft.models.encoder_layers import Dtype, EncoderOutput, EncoderSettings
 from jaxpeft.models.family import ModelFamily, ModelOutput
 
@@ -111,7 +111,7 @@ class DistilBertFFN(nn.Module):
         hidden_states = encoder_layers.dense(settings.intermediate_size, "lin1", ("embed", "mlp"), settings, *dtypes)(
             hidden_states
         )
-        hidden_states = encoder_layers.activation_function(settings.activation)(hidden_states)
+        hidden_states = activations.activation_function(settings.activation)(hidden_states)
         hidden_states = encoder_layers.dense(settings.hidden_size, "lin2", ("mlp", "embed"), settings, *dtypes)(
             hidden_states
         )

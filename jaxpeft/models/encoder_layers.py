@@ -73,41 +73,6 @@ class EncoderOutput:
     pooler_output: Array | None = None
 
 
-def _gelu_tanh(x):
-    return nn.gelu(x, approximate=True)
-
-
-def _gelu_erf(x):
-    return nn.gelu(x, approximate=False)
-
-
-def _quick_gelu(x):
-    return x * nn.sigmoid(1.702 * x)
-
-
-_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": _gelu_erf,
-    "gelu_python": _gelu_erf,
-    "gelu_new": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "gelu_accurate": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_python_tanh": _gelu_tanh,
-    "quick_gelu": _quick_gelu,
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "tanh": jnp.tanh,
-    "sigmoid": nn.sigmoid,
-    "linear": lambda x: x,
-}
-
-
-def activation_function(name: str) -> Callable[[Array], Array]:
-    """The JAX function of a transformers activation name (``config.hidden_act`` / ``config.activation``)."""
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
 
 
 def dense(

@@ -35,11 +35,14 @@ class ModelOutput:
             sequence classification.
         last_hidden_state: ``(batch, seq, hidden)`` after the final norm.
         cache: the updated key/value cache when the call was given one (decoders).
+        router_logits: ``(sparse_layers, batch, seq, experts)``, the routers' logits of a mixture-of-experts
+            decoder (``jaxpeft.models.moe.load_balancing_loss`` takes them).
     """
 
     logits: Any = None
     last_hidden_state: Any = None
     cache: Any = None
+    router_logits: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

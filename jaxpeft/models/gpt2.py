@@ -17,31 +17,15 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from jaxpeft.models import attention, hub
+from jaxpeft.models import activations, attention, hub
 from jaxpeft.models.family import ModelFamily, ModelOutput
-
-ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
 
 
 def check_config(config) -> None:
     """One-line errors for GPT-2 options this implementation does not cover."""
-    if config.activation_function not in ACTIVATIONS:
-        raise ValueError(
-            f"GPT-2 activation_function {config.activation_function!r} is not supported; use one of "
-            f"{sorted(ACTIVATIONS)}."
-        )
+    activations.check_activation("GPT-2 activation_function", config.activation_function)
     if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
         raise ValueError(
             "GPT-2 scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported; set them to False."
@@ -155,7 +139,7 @@ class GPT2MLP(nn.Module):
         config = self.config
         inner = config.n_inner or 4 * config.n_embd
         hidden = _dense(config, inner, ("embed", "mlp"), "c_fc", self.dtype, self.param_dtype)(hidden)
-        hidden = ACTIVATIONS[config.activation_function](hidden)
+        hidden = activations.activation_function(config.activation_function)(hidden)
         hidden = _dense(config, config.n_embd, ("mlp", "embed"), "c_proj", self.dtype, self.param_dtype)(hidden)
         return nn.Dropout(config.resid_pdrop)(hidden, deterministic=deterministic)
 

@@ -153,6 +153,7 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
 
 # How a torch module's tensors become linen leaves: `dense` is nn.Linear (weight transposed to the [in, out]
 # kernel), `conv1d` is GPT-2's Conv1D (weight already [in, out]), `norm` a LayerNorm/RMSNorm, `embed` an Embedding.
+# A `raw` module's parameters keep their torch names and layouts (e.g. fused MoE experts, `experts.gate_up_proj`).
 _LEAF_NAMES = {
     "dense": {"weight": "kernel", "bias": "bias"},
     "conv1d": {"weight": "kernel", "bias": "bias"},
@@ -169,7 +170,8 @@ class NameMap:
         base_prefix: the base model's attribute in the head classes (``"transformer"``, ``"model"``).
         layers_name: the ModuleList holding the layers (``"h"``, ``"layers"``).
         num_layers: number of layers.
-        module_kind: module name (last part of its path) -> ``"dense"``, ``"conv1d"``, ``"norm"`` or ``"embed"``.
+        module_kind: module name (last part of its path) -> ``"dense"``, ``"conv1d"``, ``"norm"``, ``"embed"``
+            or ``"raw"`` (parameters named and laid out as the torch tensors).
         head_modules: head -> the top-level modules that head adds to the base model (``{"causal_lm": ("lm_head",)}``).
     """
 
@@ -182,6 +184,8 @@ class NameMap:
 
 def _leaf_from_hf(name_map: NameMap, module_path: tuple[str, ...], tensor_name: str, array: np.ndarray):
     kind = name_map.module_kind(module_path[-1])
+    if kind == "raw":
+        return tensor_name, array
     leaf = _LEAF_NAMES[kind].get(tensor_name)
     if leaf is None:
         return None
@@ -263,7 +267,7 @@ def params_to_hf_tensors(variables: Mapping, name_map: NameMap, head: str, scan_
             layer_values = [("", value)]
         module_path, leaf = rest[:-1], rest[-1]
         kind = name_map.module_kind(module_path[-1])
-        tensor_name = {v: k for k, v in _LEAF_NAMES[kind].items()}[leaf]
+        tensor_name = leaf if kind == "raw" else {v: k for k, v in _LEAF_NAMES[kind].items()}[leaf]
         for layer_prefix, array in layer_values:
             if kind == "dense" and leaf == "kernel":
                 array = array.T

@@ -19,18 +19,17 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft.models import attention, hub
+from jaxpeft.models import activations, attention, hub
 from jaxpeft.models.family import ModelFamily, ModelOutput
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -52,13 +51,22 @@ def rope_parameters(config) -> dict:
 
 def rope_inverse_frequencies(config) -> np.ndarray:
     """The per-pair RoPE frequencies ``(head_dim // 2,)`` as transformers computes them for the config."""
-    params = rope_parameters(config)
-    rope_type = params["rope_type"]
+    return inverse_frequencies(rope_parameters(config), head_dim_of(config))
+
+
+def inverse_frequencies(params: dict, dim: int) -> np.ndarray:
+    """The per-pair RoPE frequencies ``(dim // 2,)`` of one set of RoPE settings (``rope_type`` or ``type``,
+    ``rope_theta``, the scaling fields), as transformers computes them.
+
+    Example:
+        >>> inverse_frequencies({"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}, dim=4).tolist()
+        [0.5, 0.004999999888241291]
+    """
+    rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"RoPE type {rope_type!r} is not supported; supported: {ROPE_TYPES}.")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("partial_rotary_factor != 1 is not supported for the Llama family.")
-    dim = head_dim_of(config)
+        raise ValueError(f"partial_rotary_factor != 1 is not supported ({rope_type} RoPE).")
     inv_freq = 1.0 / (params["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     if rope_type == "linear":
         inv_freq = inv_freq / params["factor"]
@@ -90,7 +98,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def sliding_window_of(config) -> int | None:
     """The attention window every layer uses, or ``None``; mixed full/sliding layers are refused."""
-    if config.model_type == "mistral":
+    if config.model_type in ("mistral", "mixtral", "qwen3_moe"):  # one window for every layer, when set
         return getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     kinds = set(layer_types)
@@ -111,15 +119,19 @@ def cache_spec(config, scan_layers: bool, dtype) -> attention.CacheSpec:
 
 def check_config(config) -> None:
     """One-line errors for options of the family this implementation does not cover."""
-    if config.hidden_act not in ACTIVATIONS:
-        raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
+    activations.check_activation("hidden_act", config.hidden_act)
+    check_kv_heads(config)
+    rope_inverse_frequencies(config)
+    sliding_window_of(config)
+
+
+def check_kv_heads(config) -> None:
+    """A one-line error unless the query heads split evenly over the key/value heads."""
     if config.num_attention_heads % kv_heads_of(config):
         raise ValueError(
             f"num_attention_heads ({config.num_attention_heads}) must be a multiple of num_key_value_heads "
             f"({kv_heads_of(config)})."
         )
-    rope_inverse_frequencies(config)
-    sliding_window_of(config)
 
 
 def _biases(config) -> tuple[bool, bool, bool]:
@@ -139,6 +151,17 @@ def _dense(config, features: int, axes: tuple, name: str, dtype, param_dtype, us
         kernel_init=attention.logical(nn.initializers.normal(config.initializer_range), *axes),
         bias_init=attention.logical(nn.initializers.zeros_init(), axes[-1]),
         name=name,
+    )
+
+
+def token_embedding(config, dtype, param_dtype) -> nn.Embed:
+    """The ``embed_tokens`` table ``(vocab_size, hidden_size)``."""
+    return nn.Embed(
+        config.vocab_size,
+        config.hidden_size,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        embedding_init=attention.logical(nn.initializers.normal(config.initializer_range), "vocab", "embed"),
     )
 
 
@@ -194,9 +217,25 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
+    """q/k/v projections, RoPE, (grouped-query) attention over the cache and prefix, ``o_proj``.
+
+    Subclasses change the per-head q/k norm (``head_norm``) and how scores are formed (``score_options``).
+    """
+
     config: Any
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+
+    def head_norm(self, name: str) -> nn.Module | None:
+        """The per-head RMSNorm of the queries or keys (Qwen3's ``q_norm`` / ``k_norm``); None for none."""
+        if self.config.model_type not in ("qwen3", "qwen3_moe"):
+            return None
+        return RMSNorm(self.config.rms_norm_eps, self.dtype, self.param_dtype, axis_name=None, name=name)
+
+    def score_options(self) -> dict:
+        """Keywords of ``attention.dot_product_attention`` shaping the scores (``scale``, ``logit_softcap``);
+        empty: ``head_dim ** -0.5`` and no soft-capping."""
+        return {}
 
     @nn.compact
     def __call__(self, hidden, mask, rope, cache_index, deterministic, layer_cache, layer_prefix):
@@ -212,10 +251,9 @@ class LlamaAttention(nn.Module):
         query = query.reshape(batch, seq_len, num_heads, head_dim)
         key = key.reshape(batch, seq_len, num_kv_heads, head_dim)
         value = value.reshape(batch, seq_len, num_kv_heads, head_dim)
-        if config.model_type == "qwen3":
-            norm = dict(epsilon=config.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, axis_name=None)
-            query = RMSNorm(**norm, name="q_norm")(query)
-            key = RMSNorm(**norm, name="k_norm")(key)
+        query_norm, key_norm = self.head_norm("q_norm"), self.head_norm("k_norm")
+        if query_norm is not None:
+            query, key = query_norm(query), key_norm(key)
         cos, sin = rope
         query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
         if layer_cache is not None:
@@ -229,6 +267,7 @@ class LlamaAttention(nn.Module):
             prefix_key_value=layer_prefix,
             dropout_rate=dropout_rate,
             dropout_rng=self.make_rng("dropout") if dropout_rate > 0 else None,
+            **self.score_options(),
         )
         out = out.reshape(batch, seq_len, num_heads * head_dim)
         dense = dict(dense, use_bias=o_bias)
@@ -237,9 +276,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    """The gated MLP ``down_proj(activation(gate_proj(x)) * up_proj(x))``; subclasses change ``activation``."""
+
     config: Any
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+
+    def activation(self, x):
+        return activations.activation_function(self.config.hidden_act)(x)
 
     @nn.compact
     def __call__(self, hidden):
@@ -248,14 +292,25 @@ class LlamaMLP(nn.Module):
         dense = dict(config=config, dtype=self.dtype, param_dtype=self.param_dtype, use_bias=bias)
         gate = _dense(features=config.intermediate_size, axes=("embed", "mlp"), name="gate_proj", **dense)(hidden)
         up = _dense(features=config.intermediate_size, axes=("embed", "mlp"), name="up_proj", **dense)(hidden)
-        hidden = ACTIVATIONS[config.hidden_act](gate) * up
+        hidden = self.activation(gate) * up
         return _dense(features=config.hidden_size, axes=("mlp", "embed"), name="down_proj", **dense)(hidden)
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Attention, then the feed-forward block (``feed_forward``), each after an RMSNorm and added to the residual.
+
+    Returns ``(hidden, layer_cache)``, or ``(hidden, (layer_cache, router_logits))`` for a subclass that
+    ``emits_router_logits`` (the second output of its ``feed_forward``; the MoE families).
+    """
+
     config: Any
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    emits_router_logits: ClassVar[bool] = False
+
+    def feed_forward(self, hidden, deterministic):
+        """``(mlp(hidden), None)``: the ``mlp`` block on the normed hidden state, and no router logits."""
+        return LlamaMLP(self.config, self.dtype, self.param_dtype, name="mlp")(hidden), None
 
     @nn.compact
     def __call__(self, hidden, mask, rope, cache_index, deterministic, layer_cache, layer_prefix):
@@ -273,8 +328,9 @@ class LlamaDecoderLayer(nn.Module):
         )
         hidden = hidden + attn_out
         mlp_in = RMSNorm(**norm, name="post_attention_layernorm")(hidden)
-        hidden = hidden + LlamaMLP(**kwargs, name="mlp")(mlp_in)
-        return hidden, layer_cache
+        mlp_out, router_logits = self.feed_forward(mlp_in, deterministic)
+        hidden = hidden + mlp_out
+        return hidden, ((layer_cache, router_logits) if self.emits_router_logits else layer_cache)
 
 
 class LlamaModel(nn.Module):
@@ -290,19 +346,14 @@ class LlamaModel(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat_policy: str | None = None
+    decoder_layer_cls: ClassVar[type] = LlamaDecoderLayer
 
     def setup(self):
         config = self.config
         check_config(config)
-        self.embed_tokens = nn.Embed(
-            config.vocab_size,
-            config.hidden_size,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            embedding_init=attention.logical(nn.initializers.normal(config.initializer_range), "vocab", "embed"),
-        )
+        self.embed_tokens = token_embedding(config, self.dtype, self.param_dtype)
         self.layers = attention.layer_stack(
-            LlamaDecoderLayer,
+            self.decoder_layer_cls,
             num_layers=config.num_hidden_layers,
             scan_layers=self.scan_layers,
             remat_policy=self.remat_policy,
@@ -315,6 +366,14 @@ class LlamaModel(nn.Module):
 
     def cache_spec(self) -> attention.CacheSpec:
         return cache_spec(self.config, self.scan_layers, self.dtype)
+
+    def run_layers(self, hidden, mask, rope, cache_index, deterministic, layers_cache, prefix_key_values):
+        """``(hidden, layers_cache, extra_outputs)``: the layer stack run on ``hidden``; ``extra_outputs`` holds
+        further ``ModelOutput`` fields (none here; the MoE families' ``router_logits``)."""
+        hidden, layers_cache = self.layers(
+            hidden, mask, rope, cache_index, deterministic, layers_cache, prefix_key_values
+        )
+        return hidden, layers_cache, {}
 
     def attend(self, hidden):
         """Logits from the tied input embedding."""
@@ -350,27 +409,31 @@ class LlamaModel(nn.Module):
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         rope = rope_cos_sin(rope_inverse_frequencies(config), position_ids, self.dtype)
         layers_cache = None if cache is None else cache.layers
-        hidden, layers_cache = self.layers(
+        hidden, layers_cache, extra_outputs = self.run_layers(
             hidden, mask, rope, cache_index, deterministic, layers_cache, prefix_key_values
         )
         hidden = self.norm(hidden)
         new_cache = None
         if cache is not None:
             new_cache = attention.KVCache(layers=layers_cache, index=cache.index + token_ids.shape[1])
-        return ModelOutput(last_hidden_state=hidden, cache=new_cache)
+        return ModelOutput(last_hidden_state=hidden, cache=new_cache, **extra_outputs)
 
 
 class LlamaForCausalLM(nn.Module):
-    """The decoder with ``lm_head`` (or the tied ``embed_tokens`` when ``tie_word_embeddings``)."""
+    """The decoder with ``lm_head`` (or the tied ``embed_tokens`` when ``tie_word_embeddings``).
+
+    Subclasses wrap another decoder (``base_model_cls``) and may change ``lm_logits``.
+    """
 
     config: Any
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat_policy: str | None = None
+    base_model_cls: ClassVar[type] = LlamaModel
 
     def setup(self):
-        self.model = LlamaModel(
+        self.model = self.base_model_cls(
             self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy, name="model"
         )
         if not self.config.tie_word_embeddings:
@@ -404,9 +467,11 @@ class LlamaForCausalLM(nn.Module):
         out = self.model(
             input_ids, attention_mask, position_ids, cache, prefix_key_values, deterministic, inputs_embeds
         )
-        hidden = out.last_hidden_state
-        logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
-        return ModelOutput(logits=logits, last_hidden_state=hidden, cache=out.cache)
+        return out.replace(logits=self.lm_logits(out.last_hidden_state))  # keeps the decoder's other outputs
+
+    def lm_logits(self, hidden):
+        """The vocabulary logits of the final hidden states (tied embedding or ``lm_head``)."""
+        return self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
 
 
 class LlamaForSequenceClassification(nn.Module):
@@ -418,9 +483,10 @@ class LlamaForSequenceClassification(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat_policy: str | None = None
+    base_model_cls: ClassVar[type] = LlamaModel
 
     def setup(self):
-        self.model = LlamaModel(
+        self.model = self.base_model_cls(
             self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy, name="model"
         )
         self.score = _dense(
@@ -445,7 +511,7 @@ class LlamaForSequenceClassification(nn.Module):
         )
         pad_token_id = None if input_ids is None else self.config.pad_token_id
         pooled = attention.pool_last_non_pad(hidden.last_hidden_state, input_ids, pad_token_id)
-        return ModelOutput(logits=self.score(pooled), last_hidden_state=hidden.last_hidden_state)
+        return hidden.replace(logits=self.score(pooled))  # keeps the decoder's other outputs
 
 
 FAMILY = ModelFamily(

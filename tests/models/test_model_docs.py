@@ -7,13 +7,16 @@ import pytest
 
 MODULES = [
     "jaxpeft.models",
+    "jaxpeft.models.activations",
     "jaxpeft.models.attention",
     "jaxpeft.models.auto",
+    "jaxpeft.models.gemma",
     "jaxpeft.models.generation",
     "jaxpeft.models.gguf",
     "jaxpeft.models.gpt2",
     "jaxpeft.models.hub",
     "jaxpeft.models.llama",
+    "jaxpeft.models.moe",
 ]
 
 
