@@ -184,7 +184,14 @@ def _is_one_array(value: Any) -> bool:
 
 
 def trace_layers(apply_fn: Callable, variables: Any, args: tuple, kwargs: dict) -> Trace:
-    """Traces ``apply_fn(variables, *args, **kwargs)`` abstractly and returns what modules it called."""
+    """Traces ``apply_fn(variables, *args, **kwargs)`` abstractly and returns what modules it called.
+
+    An apply function that can describe its model without running it (``jaxpeft.nnx.view``'s, from the NNX
+    graph) does so when no inputs are given.
+    """
+    describe = getattr(apply_fn, "trace_without_inputs", None)
+    if describe is not None and not args and not kwargs:
+        return describe()
     module_types: dict[Path, str] = {}
     layer_calls: dict[Path, tuple[nn.Module, tuple, Any, int]] = {}
     layer_outputs: dict[Path, Any] = {}
@@ -194,6 +201,7 @@ def trace_layers(apply_fn: Callable, variables: Any, args: tuple, kwargs: dict) 
     module_outputs: dict[Path, jax.ShapeDtypeStruct] = {}
     param_modules: dict[Path, nn.Module] = {}
     analysing: set[Path] = set()  # modules whose call is being traced to a jaxpr (their inner calls run plainly)
+    seen_shapes: dict[Path, tuple[int, ...]] = {}  # each module's own parameters as its calls see them
 
     def call(next_fun, call_args, call_kwargs, context):
         module = context.module
@@ -217,6 +225,9 @@ def trace_layers(apply_fn: Callable, variables: Any, args: tuple, kwargs: dict) 
             return out
         path = tuple(module.path)
         module_types.setdefault(path, type(module).__name__)
+        for name, value in module.variables.get("params", {}).items():
+            if hasattr(value, "shape") or isinstance(value, nn.meta.AxisMetadata):
+                seen_shapes.setdefault(path + (name,), tuple(jnp.shape(nn.meta.unbox(value))))
         if context.method_name == "__call__" and path not in module_outputs and _is_one_array(out):
             module_outputs[path] = jax.ShapeDtypeStruct(out.shape, out.dtype)
         root = _root_scope(module.scope)
@@ -244,23 +255,11 @@ def trace_layers(apply_fn: Callable, variables: Any, args: tuple, kwargs: dict) 
     params = variables["params"] if "params" in variables else {}
     full_shapes = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(nn.meta.unbox(params)).items()
                    if hasattr(v, "shape")}
-    stacking = _stacking_boundaries(boundary_views, full_shapes)
+    stacking = (_stacking_boundaries(boundary_views, full_shapes) if boundary_views
+                else _stacking_from_shapes(seen_shapes, full_shapes))
 
     def virtual_paths(path: Path) -> dict[tuple[int, ...], str]:
-        cuts = [(len(b), sizes) for b, sizes in stacking.items() if path[:len(b)] == b]
-        cuts.sort()
-        if not cuts:
-            return {(): ".".join(path)}
-        out = {}
-        for index in itertools.product(*[range(n) for _, sizes in cuts for n in sizes]):
-            parts, i, start = [], 0, 0
-            for cut, sizes in cuts:
-                parts.extend(path[start:cut])
-                parts.extend(str(j) for j in index[i:i + len(sizes)])
-                i, start = i + len(sizes), cut
-            parts.extend(path[start:])
-            out[index] = ".".join(parts)
-        return out
+        return virtual_paths_for(path, stacking)
 
     layers = {}
     for path, (module, kernel_shape, dtype, input_ndim) in layer_calls.items():
@@ -275,6 +274,24 @@ def trace_layers(apply_fn: Callable, variables: Any, args: tuple, kwargs: dict) 
                                 key[:-1] in found_heads or bool(key[:-1]) and key[-2] in OUTPUT_HEAD_NAMES)
               for key, use in param_uses.items() if use.roles}
     return Trace(layers, module_types, module_virtual_paths, full_shapes, param_uses, params, module_outputs)
+
+
+def virtual_paths_for(path: Path, stacking: dict[Path, tuple[int, ...]]) -> dict[tuple[int, ...], str]:
+    """``{stack index: dotted name}`` of the module at ``path``: each stacking boundary above it (``stacking``,
+    boundary path -> sizes of the axes it adds) puts the layer index after its name."""
+    cuts = sorted((len(b), sizes) for b, sizes in stacking.items() if path[:len(b)] == b)
+    if not cuts:
+        return {(): ".".join(path)}
+    out = {}
+    for index in itertools.product(*[range(n) for _, sizes in cuts for n in sizes]):
+        parts, i, start = [], 0, 0
+        for cut, sizes in cuts:
+            parts.extend(path[start:cut])
+            parts.extend(str(j) for j in index[i:i + len(sizes)])
+            i, start = i + len(sizes), cut
+        parts.extend(path[start:])
+        out[index] = ".".join(parts)
+    return out
 
 
 def stock_kernel_roles(layer: Layer) -> tuple[str, ...] | None:
@@ -333,4 +350,27 @@ def _stacking_boundaries(boundary_views: dict[Path, dict[Path, int]],
         if added > 0:
             offset = len(outer_full) - outer_ndim
             stacking[boundary] = tuple(outer_full[offset: offset + added])
+    return stacking
+
+
+def _added_axes(seen: tuple[int, ...], full: tuple[int, ...]) -> tuple[int, ...]:
+    """The leading axes a stored parameter has beyond the shape its module's call sees."""
+    return tuple(full[: len(full) - len(seen)])
+
+
+def _stacking_from_shapes(seen_shapes: dict[Path, tuple[int, ...]],
+                          full_shapes: dict[Path, tuple[int, ...]]) -> dict[Path, tuple[int, ...]]:
+    """Stacking boundaries of a model whose stacks are not linen lifts (an NNX model with ``nnx.vmap``-made
+    layers run by ``nnx.scan``): for each stacked parameter, the shortest prefix of its module path under which
+    every parameter a call saw carries the same added axes; the layer index goes after that prefix."""
+    added = {key: _added_axes(seen, full_shapes.get(key, seen)) for key, seen in seen_shapes.items()}
+    stacking: dict[Path, tuple[int, ...]] = {}
+    for key, axes in sorted(added.items(), key=lambda item: len(item[0])):
+        if not axes or any(key[:len(b)] == b for b in stacking):
+            continue
+        for cut in range(len(key)):
+            prefix = key[:cut]
+            if all(other == axes for k, other in added.items() if k[:cut] == prefix):
+                stacking[prefix] = axes
+                break
     return stacking

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -329,7 +330,8 @@ def _model_options(command: _Command) -> None:
     group = command.group("model")
     command.option(group, "--run", "str", "a folder written by `jaxpeft train`: its model, tokenizer, task and "
                    "adapter", metavar="DIR")
-    command.option(group, "--model", "str", "base model: a folder with config.json, a hub id or a .gguf file",
+    command.option(group, "--model", "str", "base model: a folder with config.json, a hub id, a .gguf file, or a "
+                   "Python factory pkg.module:function returning a Flax NNX model",
                    metavar="PATH_OR_ID")
     command.option(group, "--adapter", "str", "adapter folder in the HF PEFT format", metavar="DIR")
     command.option(group, "--tokenizer", "str", "tokenizer folder or hub id (default: the model's)", metavar="PATH")
@@ -430,7 +432,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _Command]]:
                      "config file keys are the long flag names with underscores (learning_rate: 2.0e-4);\n"
                      "flags on the command line override the file.", run_train)
     group = train.group("model")
-    train.option(group, "--model", "str", "base model: a folder with config.json, a hub id or a .gguf file",
+    train.option(group, "--model", "str", "base model: a folder with config.json, a hub id, a .gguf file, or a "
+                 "Python factory pkg.module:function returning a Flax NNX model",
                  metavar="PATH_OR_ID", required=True)
     train.option(group, "--tokenizer", "str", "tokenizer folder or hub id (default: the model's)", metavar="PATH")
     train.option(group, "--task", "str", "seq_cls, causal_lm or token_cls (or SEQ_CLS, CAUSAL_LM, TOKEN_CLS)",
@@ -575,9 +578,10 @@ def read_run(folder: str) -> dict[str, Any]:
 
 
 def load_model(name_or_path: str, task: str, *, quiet: bool = False, **config_overrides: Any):
-    """The ``jaxpeft.models`` model of ``name_or_path`` (folder, hub id, ``.gguf``) with the head of ``task``;
-    keywords override the model's config (``num_labels=3``). ``quiet`` silences the warning about a newly
-    initialised head (for when an adapter brings its trained copy).
+    """The ``jaxpeft.models`` model of ``name_or_path`` (folder, hub id, ``.gguf``) with the head of ``task``, or the
+    Flax NNX model a factory ``pkg.module:function`` returns; keywords override the model's config
+    (``num_labels=3``). ``quiet`` silences the warning about a newly initialised head (for when an adapter brings
+    its trained copy).
 
     Example:
         >>> import tempfile
@@ -586,6 +590,8 @@ def load_model(name_or_path: str, task: str, *, quiet: bool = False, **config_ov
         ...
         FileNotFoundError: No config.json in '...'; pass a folder written by save_pretrained.
     """
+    if is_factory(name_or_path):
+        return load_factory(name_or_path, **config_overrides)
     from jaxpeft import models
 
     auto = {"seq_cls": models.AutoModelForSequenceClassification, "causal_lm": models.AutoModelForCausalLM,
@@ -598,6 +604,82 @@ def load_model(name_or_path: str, task: str, *, quiet: bool = False, **config_ov
         return auto.from_pretrained(name_or_path, **config_overrides)
     finally:
         logger.setLevel(level)
+
+
+def is_factory(name: str) -> bool:
+    """Whether ``--model`` names a Python factory (``pkg.module:function``) rather than a folder, hub id or file."""
+    return not os.path.exists(name) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", name) is not None
+
+
+def load_factory(spec: str, **config_overrides: Any):
+    """The Flax NNX model that the factory ``pkg.module:function`` returns, called with ``config_overrides`` (e.g.
+    ``num_labels``) when it takes them. The module is imported as Python code: name only your own.
+
+    Example:
+        >>> load_factory("json:dumps")
+        Traceback (most recent call last):
+        ...
+        jaxpeft.cli.UsageError: --model json:dumps did not return a Flax NNX model (it needs arguments: ...
+    """
+    import importlib
+    import inspect
+
+    from flax import nnx
+
+    module_name, _, attribute = spec.partition(":")
+    try:
+        factory = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            factory = getattr(factory, part)
+    except (ImportError, AttributeError) as error:
+        raise UsageError(f"--model {spec}: {error}; a factory is pkg.module:function, importable from here") from None
+    accepted = inspect.signature(factory).parameters if callable(factory) else {}
+    wanted = {key: value for key, value in config_overrides.items() if key in accepted}
+    try:
+        model = factory(**wanted)
+    except TypeError as error:
+        raise UsageError(f"--model {spec} did not return a Flax NNX model (it needs arguments: {error})") from None
+    if not isinstance(model, nnx.Module):
+        raise UsageError(f"--model {spec} returned a {type(model).__name__}, not a Flax NNX model (nnx.Module)")
+    return model
+
+
+def is_nnx(model: Any) -> bool:
+    from flax import nnx
+
+    return isinstance(model, nnx.Module)
+
+
+def model_config(model: Any) -> Any:
+    """The model's config (an NNX model's ``config`` attribute, if it has one)."""
+    return getattr(model, "config", None) if is_nnx(model) else model.config
+
+
+def _num_labels(model: Any) -> int | None:
+    value = getattr(model_config(model), "num_labels", None)
+    return None if value is None else int(value)
+
+
+def _peft_model(model: Any, config: Any, seed: int):
+    if is_nnx(model):
+        from jaxpeft import nnx as peft_nnx
+
+        return peft_nnx.get_peft_model(model, config, key=seed)
+    return jaxpeft.get_peft_model(model, config, seed=seed)
+
+
+def _with_adapter(base: Any, adapter: str):
+    if is_nnx(base):
+        from jaxpeft import nnx as peft_nnx
+
+        return peft_nnx.PeftModel.from_pretrained(base, adapter)
+    return jaxpeft.PeftModel.from_pretrained(base, adapter)
+
+
+def _no_nnx(model: Any, command: str) -> None:
+    if is_nnx(model):
+        raise UsageError(f"jaxpeft {command} works on jaxpeft's model families (a folder, hub id or .gguf file), not "
+                         "yet on Flax NNX models from a factory; use jaxpeft.nnx from Python")
 
 
 def load_tokenizer(name_or_path: str, *, for_batches: bool = True):
@@ -701,7 +783,7 @@ def _load_adapted(options: argparse.Namespace, *, needs_adapter: bool, task: str
         elif adapter is not None and _adapter_num_labels(adapter):
             overrides["num_labels"] = _adapter_num_labels(adapter)
     base = load_model(model_source, task, quiet=adapter is not None, **overrides)
-    model = jaxpeft.PeftModel.from_pretrained(base, adapter) if adapter else base
+    model = _with_adapter(base, adapter) if adapter else base
     tokenizer_source = options.tokenizer or run.get("tokenizer") or model_source
     return _Loaded(model, base, task, tokenizer_source, run)
 
@@ -741,7 +823,7 @@ def _num_classes(examples: Sequence[Mapping], column: str, task: str) -> int | N
 def _model_inputs(model) -> set[str]:
     import inspect
 
-    return set(inspect.signature(type(model.module).__call__).parameters) - {"self"}
+    return set(inspect.signature(type(model if is_nnx(model) else model.module).__call__).parameters) - {"self"}
 
 
 def _check_columns(examples: Sequence[Mapping], options: argparse.Namespace, task: str, flag: str) -> None:
@@ -772,7 +854,7 @@ def _tokenize(examples, tokenizer, options: argparse.Namespace, task: str, max_l
                                  text_pair_key=options.text_pair_column,
                                  label_key=None if task == "causal_lm" else options.label_column or "label",
                                  max_length=max_length, label2id=label2id,
-                                 num_labels=None if task == "causal_lm" else int(model.config.num_labels))
+                                 num_labels=None if task == "causal_lm" else _num_labels(model))
     if "token_type_ids" not in _model_inputs(model):  # e.g. a BERT tokenizer with a GPT-2 model
         for feature in features:
             feature.pop("token_type_ids", None)
@@ -780,13 +862,13 @@ def _tokenize(examples, tokenizer, options: argparse.Namespace, task: str, max_l
 
 
 def _collator(task: str, tokenizer, model, max_length: int | None):
-    return trainer.default_collator(task, tokenizer, model.config, max_length)
+    return trainer.default_collator(task, tokenizer, model_config(model), max_length)
 
 
 def _position_limit(model) -> tuple[int, str] | None:
     """The most positions the model has, and the config field that says so (None when it does not say)."""
     for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(model.config, name, None)
+        value = getattr(model_config(model), name, None)
         if isinstance(value, int) and value > 0:
             return value, name
     return None
@@ -990,18 +1072,19 @@ def _train(options: argparse.Namespace, task: str) -> int:
     eval_features = (_tokenize(eval_examples, tokenizer, options, task, max_length, label2id, model)
                      if eval_examples is not None else None)
     if task != "causal_lm":
-        data.check_labels(train_features, int(model.config.num_labels), task, training=True)
+        data.check_labels(train_features, _num_labels(model), task, training=True)
 
-    peft_model = jaxpeft.get_peft_model(model, peft_config, seed=training_args.seed)
-    print(f"jaxpeft train: {jaxpeft.count_parameters(peft_model.params, peft_model.trainable_mask)}",
-          file=sys.stderr)
+    peft_model = _peft_model(model, peft_config, training_args.seed)
+    counted = (peft_model.trainable_parameters() if is_nnx(model)
+               else jaxpeft.count_parameters(peft_model.params, peft_model.trainable_mask))
+    print(f"jaxpeft train: {counted}", file=sys.stderr)
     run = {
         "model": _local_or_id(options.model),
         "tokenizer": _local_or_id(tokenizer_source),
         "task": task,
         "method": options.method,
         "peft_config": jaxpeft.config_to_hf_dict(peft_model.peft_config["default"]),
-        "num_labels": None if task == "causal_lm" else int(model.config.num_labels),
+        "num_labels": None if task == "causal_lm" else _num_labels(model),
         "id2label": {str(i): name for i, name in enumerate(names)} if names else None,
         "columns": {"text": options.text_column, "text_pair": options.text_pair_column, "label": options.label_column,
                     "prompt": options.prompt_column, "response": options.response_column},
@@ -1063,8 +1146,16 @@ def evaluate_features(model, features: Sequence[Mapping], task: str, collator, b
     """
     from jaxpeft import evaluation
 
-    peft_model = model if hasattr(model, "peft_config") else jaxpeft.PeftModel(model, None)
-    if task != "causal_lm" and peft_model.base_model.config.num_labels == 1:
+    if hasattr(model, "peft_config"):
+        peft_model = model
+    elif is_nnx(model):
+        from jaxpeft import nnx as peft_nnx
+
+        peft_model = peft_nnx.PeftModel(model, ((), {}))
+    else:
+        peft_model = jaxpeft.PeftModel(model, None)
+    base = peft_model.base_model
+    if task != "causal_lm" and _num_labels(base if is_nnx(base) else base) == 1:
         raise UsageError("eval reports classification metrics; this model has one output (regression)")
     names = ("loss", "perplexity") if task == "causal_lm" else ("loss", "accuracy", "f1")
     # evaluate() logs to output_dir/metrics.jsonl: a scratch folder, so that a run's own log stays as training left it
@@ -1093,7 +1184,7 @@ def run_eval(options: argparse.Namespace) -> int:
     loaded = _load_adapted(options, needs_adapter=False)
     tokenizer = load_tokenizer(loaded.tokenizer_source)
     label2id = (None if loaded.task == "causal_lm"
-                else _string_label_ids(examples, options, loaded.task, loaded.run, loaded.base.config))
+                else _string_label_ids(examples, options, loaded.task, loaded.run, model_config(loaded.base)))
     config = loaded.model.peft_config.get(loaded.model.active_adapter) if hasattr(loaded.model, "peft_config") else None
     virtual_tokens = config.num_virtual_tokens if getattr(config, "peft_type", None) == "PROMPT_TUNING" else 0
     max_length = _max_length(options.max_length or loaded.run.get("max_length"), loaded.base, tokenizer, virtual_tokens)
@@ -1114,6 +1205,7 @@ def run_generate(options: argparse.Namespace) -> int:
     import numpy as np
 
     loaded = _load_adapted(options, needs_adapter=False, task="causal_lm")
+    _no_nnx(loaded.base, "generate")
     tokenizer = load_tokenizer(loaded.tokenizer_source)
     ids = [list(tokenizer(prompt)["input_ids"]) for prompt in options.prompt]
     if not all(ids):
@@ -1183,6 +1275,7 @@ def run_merge(options: argparse.Namespace) -> int:
             raise UsageError(f"{config.peft_type} adapters cannot be merged into the weights (they are not a change "
                              "of weights); use the adapter folder as it is, e.g. with `jaxpeft generate --adapter`")
     loaded = _load_adapted(options, needs_adapter=True)
+    _no_nnx(loaded.base, "merge")
     config = loaded.model.peft_config[loaded.model.active_adapter]
     merged = loaded.model.merge_and_unload()
     found = []
@@ -1228,8 +1321,10 @@ def run_export(options: argparse.Namespace) -> int:
         overrides["id2label"] = {int(i): label for i, label in run["id2label"].items()}
     elif run.get("num_labels"):
         overrides["num_labels"] = run["num_labels"]
-    peft_model = jaxpeft.get_peft_model(load_model(run["model"], task, quiet=True, **overrides),
-                                        jaxpeft.config_from_hf_dict(run["peft_config"]), seed=args.seed)
+    peft_model = _peft_model(load_model(run["model"], task, quiet=True, **overrides),
+                             jaxpeft.config_from_hf_dict(run["peft_config"]), args.seed)
+    if is_nnx(peft_model):
+        peft_model = peft_model.functional(task)
     with CheckpointManager(checkpoints, best_metric=args.metric_for_best_model,
                            greater_is_better=bool(args.greater_is_better), read_only=True) as manager:
         step = options.step

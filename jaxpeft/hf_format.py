@@ -40,9 +40,10 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -365,6 +366,40 @@ def _base_leaf_layout(trace: Trace, owner: Path, leaf_name: str, shape: tuple[in
     return None
 
 
+def renamed(name: str, key_mapping: Mapping[str, str] | None) -> str:
+    """``name`` (a module path, or a tensor name without prefix) after each ``{regex: replacement}`` of
+    ``key_mapping`` in turn (``re.sub``), as transformers' ``key_mapping`` renames checkpoint keys."""
+    for pattern, replacement in (key_mapping or {}).items():
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def _renamed_slots(slots: dict[str, Any], key_mapping: Mapping[str, str] | None) -> dict[str, Any]:
+    if not key_mapping:
+        return slots
+    out = {}
+    for name, slot in slots.items():
+        new = renamed(name, key_mapping)
+        if new in out:
+            raise AdapterError(f"key_mapping gives two tensors the name {new!r}; make its patterns tell them apart")
+        out[new] = slot
+    return out
+
+
+def _mapped_targets(hf_dict: dict[str, Any], names: list[str]) -> None:
+    """With a ``key_mapping``: the saved ``target_modules`` become the renamed adapted modules' last names, so
+    the model the names were mapped to finds them."""
+    if isinstance(hf_dict.get("target_modules"), list):
+        hf_dict["target_modules"] = sorted({name.rsplit(".", 1)[-1] for name in names})
+
+
+def _unmapped_targets(targets: list[str], trace: Trace, key_mapping: Mapping[str, str]) -> list[str]:
+    """The module paths of this model whose names, renamed by ``key_mapping``, the file's ``target_modules``
+    match (so an adapter saved with a ``key_mapping`` targets the same modules when loaded with it)."""
+    names = {name for paths in trace.module_virtual_paths.values() for name in paths.values() if name}
+    return sorted(name for name in names if _targets.matches(renamed(name, key_mapping), targets)) or targets
+
+
 def _join(module_name: str, suffix: str) -> str:
     return f"{module_name}.{suffix}" if module_name else suffix
 
@@ -561,12 +596,16 @@ def _write_folder(folder: str, hf_dict: dict[str, Any], tensors: dict[str, np.nd
 
 
 def save_adapter(folder: str | os.PathLike, variables: Any, config: PeftConfig, apply_fn: Callable, *sample_args,
-                 adapter_name: str = "default", **sample_kwargs) -> str:
+                 adapter_name: str = "default", key_mapping: Mapping[str, str] | None = None,
+                 **sample_kwargs) -> str:
     """Writes the named adapter as a Hugging Face PEFT adapter folder (that torch ``PeftModel.from_pretrained``
     loads, for the methods torch PEFT has; see the module docstring for every method's tensors).
 
     ``apply_fn(variables, *sample_args, **sample_kwargs)`` is traced once (``jax.eval_shape``, nothing is
-    computed) to name the adapted layers the Hugging Face way. The folder gets ``adapter_config.json`` and
+    computed) to name the adapted layers the Hugging Face way; ``key_mapping`` (``{regex: replacement}``, applied
+    with ``re.sub`` in order to each tensor name without the ``base_model.model.`` prefix) renames them for a model
+    whose module paths differ from the transformers model's, and the saved ``target_modules`` follow. The folder
+    gets ``adapter_config.json`` and
     ``adapter_model.safetensors``; an adapter not named ``"default"`` goes to ``<folder>/<adapter_name>`` as in HF
     PEFT, checked to stay inside ``folder`` (``adapter_folder``) before anything is written. Both files are written
     to a temporary folder first and moved in place, so an error leaves nothing half-written. Returns the folder
@@ -603,6 +642,10 @@ def save_adapter(folder: str | os.PathLike, variables: Any, config: PeftConfig, 
     adapter_slots, base_slots = _slots(config, trace, flat, adapter_name, _conv1d_names(apply_fn),
                                        top_level=not hooked)
     slots = {**adapter_slots, **{k: base_slots[k] for k in _bias_keys(config, base_slots)}}
+    if key_mapping:
+        slots = _renamed_slots(slots, key_mapping)
+        _mapped_targets(hf_dict, [re.sub(r"\.(lora_|ia3_l).*$", "", name) for name in slots
+                                  if re.search(r"\.(lora_|ia3_l)", name)])
     prefix = _key_prefix(method)
     tensors = {}
     for name, slot in slots.items():
@@ -704,7 +747,7 @@ def _listing(names, limit: int = 4) -> str:
 
 def load_adapter(folder: str | os.PathLike, apply_fn: Callable, variables: Any, *sample_args,
                  adapter_name: str = "default", adapter_dtype: Any = "float32",
-                 **sample_kwargs) -> tuple[Any, PeftConfig]:
+                 key_mapping: Mapping[str, str] | None = None, **sample_kwargs) -> tuple[Any, PeftConfig]:
     """Reads an adapter folder (written by HF PEFT or by ``save_adapter``) into ``variables``: returns
     ``(new variables, config)``.
 
@@ -715,7 +758,8 @@ def load_adapter(folder: str | os.PathLike, apply_fn: Callable, variables: Any, 
     ``base_layer.weight``) replace the base weights in the result, as in torch. ``modules_to_save`` keeps the names
     this model has (a ``SEQ_CLS`` adapter lists both ``classifier`` and ``score``). ``variables`` is not changed.
     Anything that does not fit (files, ``peft_type``, options, tensor names or shapes, tensors that are not floating
-    point or hold NaN or infinite values) is a one-line error and nothing is loaded. Run the result with
+    point or hold NaN or infinite values) is a one-line error and nothing is loaded. ``key_mapping`` is
+    ``save_adapter``'s: this model's tensor names, renamed by it, are looked for in the file. Run the result with
     ``jaxpeft.rewrite(apply_fn, {adapter_name: config})``.
 
     Example:
@@ -743,6 +787,9 @@ def load_adapter(folder: str | os.PathLike, apply_fn: Callable, variables: Any, 
     if adapter_name in adapter_names(variables):
         raise AdapterError(f"an adapter named {adapter_name!r} already exists; pass another adapter_name=")
     trace = trace_layers(apply_fn, strip_adapters(variables), sample_args, sample_kwargs)
+    if key_mapping and isinstance(getattr(config, "target_modules", None), list):
+        config = dataclasses.replace(config, target_modules=_unmapped_targets(config.target_modules, trace,
+                                                                              key_mapping))
     if "modules_to_save" in {field.name for field in dataclasses.fields(config)}:
         config = dataclasses.replace(config, modules_to_save=_present_saved_modules(config, trace))
     # Built in inference mode, which skips initialisations that need more than the model (prompt tuning's TEXT
@@ -757,6 +804,7 @@ def load_adapter(folder: str | os.PathLike, apply_fn: Callable, variables: Any, 
     hooked = hasattr(method, "leaves_from_hf")
     adapter_slots, base_slots = _slots(config, trace, flat, adapter_name, _conv1d_names(apply_fn),
                                        top_level=not hooked)
+    adapter_slots, base_slots = _renamed_slots(adapter_slots, key_mapping), _renamed_slots(base_slots, key_mapping)
     hook_names = {}  # name in the file without prefix -> the hook's name, and the shape it expects
     if hooked:
         for name, value in method.hf_tensors(config, built, adapter_name).items():

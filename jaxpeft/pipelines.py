@@ -8,8 +8,9 @@ Four tasks, with the outputs of transformers' pipelines of the same names:
 - ``"text-generation"``: ``[{"generated_text": prompt + continuation}]`` per prompt;
 - ``"feature-extraction"``: the last hidden state as nested lists ``[1][tokens][hidden]`` per text.
 
-``model`` is a ``jaxpeft.PeftModel`` (its active adapter runs), a ``jaxpeft.models`` ``PretrainedModel``, or a
-checkpoint folder. A call takes one text or a list of texts; lists run in batches of ``batch_size``, each padded to
+``model`` is a ``jaxpeft.PeftModel`` (its active adapter runs), a ``jaxpeft.models`` ``PretrainedModel``, a
+checkpoint folder, or a Flax NNX model or ``jaxpeft.nnx.PeftModel`` whose call returns the task's logits (all but
+text-generation). A call takes one text or a list of texts; lists run in batches of ``batch_size``, each padded to
 a bucketed length (``jaxpeft.data.bucket_length``) and a power-of-two number of rows, so that a stream of inputs
 compiles only a few shapes.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -37,6 +39,42 @@ class PipelineError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------- building blocks
+
+
+class NnxRunner:
+    """A Flax NNX model (or a ``jaxpeft.nnx.PeftModel``, its active adapter running) as pipelines run models:
+    called with the batch's inputs under ``nnx.jit``, its output (an array) taken as the task's ``logits`` (and
+    ``last_hidden_state``); ``head`` says what the model computes."""
+
+    def __init__(self, model: Any, head: str):
+        from flax import nnx
+
+        from jaxpeft.nnx import PeftModel
+        from jaxpeft.nnx._model import ModelInfo
+
+        self.model = model
+        self.base_model = ModelInfo(model.base_model if isinstance(model, PeftModel) else model, head)
+        self.active_adapter = getattr(model, "active_adapter", None)
+        self._forward = nnx.jit(lambda module, inputs: module(**inputs))
+
+    def __call__(self, **inputs: Any) -> Any:
+        out = self._forward(self.model, inputs)
+        return SimpleNamespace(logits=out, last_hidden_state=out)
+
+
+def _runner(model: Any, task: str, heads: tuple[str, ...] | None) -> Any:
+    """``model`` as the pipeline runs it: an NNX model through ``NnxRunner``, any other model as it is."""
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is a dependency
+        return model
+    if not isinstance(model, nnx.Module):
+        return model
+    if task == "text-generation":
+        raise PipelineError("text-generation needs one of jaxpeft's model families (their generate()); a Flax NNX "
+                            "model has no generation loop here: run it yourself, or use text-classification, "
+                            "token-classification or feature-extraction")
+    return NnxRunner(model, heads[0] if heads else "base")
 
 
 def _base_model_of(model: Any) -> Any:
@@ -227,6 +265,7 @@ class Pipeline:
 
     def __init__(self, model: Any, tokenizer: Any = None, *, batch_size: int = 8,
                  buckets: Sequence[int] = data.DEFAULT_BUCKETS, **defaults: Any):
+        model = _runner(model, self.task, self.heads)
         base = _base_model_of(model)
         if self.heads is not None and base.head not in self.heads:
             raise PipelineError(

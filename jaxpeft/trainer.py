@@ -225,6 +225,15 @@ def _pad_token_id(tokenizer: Any, model_config: Any) -> int:
     return 0
 
 
+def _functional(model: Any, task: str | None) -> Any:
+    """An NNX ``jaxpeft.nnx.PeftModel`` as its functional view (trained through it); any other model as it is."""
+    from jaxpeft.nnx import PeftModel as NnxPeftModel
+
+    if isinstance(model, NnxPeftModel):
+        return model.functional(training._task_of_name(task or "causal_lm"))
+    return model
+
+
 def default_collator(task: str, tokenizer: Any = None, model_config: Any = None, max_length: int | None = None):
     """The collator for ``task`` (``"seq_cls"``, ``"token_cls"``, ``"causal_lm"``), padding with the tokenizer's
     pad token (else the model config's pad or EOS token, else 0) to bucketed lengths.
@@ -421,6 +430,7 @@ class Trainer:
                  data_collator: Callable | None = None, compute_metrics: Callable | None = None,
                  processing_class: Any = None, tokenizer: Any = None, task: str | None = None,
                  label2id: Mapping[str, int] | None = None):
+        model = _functional(model, task)
         if not hasattr(model, "peft_config") or not hasattr(type(model), "trainable_mask"):
             raise TypeError(f"Trainer trains a jaxpeft.PeftModel (get_peft_model(model, config)), got "
                             f"{type(model).__name__}")

@@ -497,8 +497,10 @@ TASKS = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS
 
 
 def _task_of(peft_model, task: str | None) -> str:
-    if task is None:
-        task = peft_model.base_model.head
+    return _task_of_name(peft_model.base_model.head if task is None else task)
+
+
+def _task_of_name(task: str) -> str:
     by_hf_name = {hf: ours for ours, hf in TASKS.items()}
     task = by_hf_name.get(task, task)
     if task not in TASKS:
