@@ -16,6 +16,7 @@ have is 1), so ``operand_view`` can lay a leaf out like any view of the paramete
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -326,6 +327,10 @@ class TracedCall:
         return jax.tree_util.tree_unflatten(self.out_tree, list(leaves))
 
 
+# True while ``trace_call`` traces a call to a jaxpr: state a call changes then stays inside the trace.
+TRACING: contextvars.ContextVar = contextvars.ContextVar("jaxpeft_tracing_call", default=False)
+
+
 def trace_call(function: Callable, args: tuple, kwargs: dict) -> TracedCall:
     """``function(*args, **kwargs)`` as a jaxpr over the array leaves of its arguments (the others stay as given);
     whatever it closes over (the module's parameters) becomes the jaxpr's constants."""
@@ -344,7 +349,11 @@ def trace_call(function: Callable, args: tuple, kwargs: dict) -> TracedCall:
         return out_leaves
 
     arrays = [leaves[i] for i in positions]
-    closed = jax.make_jaxpr(flat_function)(*arrays)
+    token = TRACING.set(True)
+    try:
+        closed = jax.make_jaxpr(flat_function)(*arrays)
+    finally:
+        TRACING.reset(token)
     return TracedCall(closed, arrays, out_trees[-1])
 
 

@@ -633,12 +633,17 @@ def load_factory(spec: str, **config_overrides: Any):
             factory = getattr(factory, part)
     except (ImportError, AttributeError) as error:
         raise UsageError(f"--model {spec}: {error}; a factory is pkg.module:function, importable from here") from None
-    accepted = inspect.signature(factory).parameters if callable(factory) else {}
-    wanted = {key: value for key, value in config_overrides.items() if key in accepted}
+    if not callable(factory):
+        raise UsageError(f"--model {spec} is a {type(factory).__name__}, not a function returning a Flax NNX model")
+    if "id2label" in config_overrides and "num_labels" not in config_overrides:
+        config_overrides = {**config_overrides, "num_labels": len(config_overrides["id2label"])}
+    signature = inspect.signature(factory)
+    wanted = {key: value for key, value in config_overrides.items() if key in signature.parameters}
     try:
-        model = factory(**wanted)
+        signature.bind(**wanted)
     except TypeError as error:
         raise UsageError(f"--model {spec} did not return a Flax NNX model (it needs arguments: {error})") from None
+    model = factory(**wanted)
     if not isinstance(model, nnx.Module):
         raise UsageError(f"--model {spec} returned a {type(model).__name__}, not a Flax NNX model (nnx.Module)")
     return model
@@ -1154,8 +1159,7 @@ def evaluate_features(model, features: Sequence[Mapping], task: str, collator, b
         peft_model = peft_nnx.PeftModel(model, ((), {}))
     else:
         peft_model = jaxpeft.PeftModel(model, None)
-    base = peft_model.base_model
-    if task != "causal_lm" and _num_labels(base if is_nnx(base) else base) == 1:
+    if task != "causal_lm" and _num_labels(peft_model.base_model) == 1:
         raise UsageError("eval reports classification metrics; this model has one output (regression)")
     names = ("loss", "perplexity") if task == "causal_lm" else ("loss", "accuracy", "f1")
     # evaluate() logs to output_dir/metrics.jsonl: a scratch folder, so that a run's own log stays as training left it

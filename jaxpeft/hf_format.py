@@ -386,16 +386,29 @@ def _renamed_slots(slots: dict[str, Any], key_mapping: Mapping[str, str] | None)
     return out
 
 
-def _mapped_targets(hf_dict: dict[str, Any], names: list[str]) -> None:
-    """With a ``key_mapping``: the saved ``target_modules`` become the renamed adapted modules' last names, so
-    the model the names were mapped to finds them."""
-    if isinstance(hf_dict.get("target_modules"), list):
-        hf_dict["target_modules"] = sorted({name.rsplit(".", 1)[-1] for name in names})
+def _mapped_options(hf_dict: dict[str, Any], trace: Trace, flat: dict[Path, Any], adapter_name: str,
+                    key_mapping: Mapping[str, str]) -> dict[str, Any]:
+    """``hf_dict`` whose ``target_modules`` and ``modules_to_save`` list, renamed by ``key_mapping``, the modules
+    the adapter covers, so that the model the names were mapped to finds exactly those."""
+    def names(paths) -> list[str]:
+        return sorted({renamed(name, key_mapping) for path in paths
+                       for name in trace.module_virtual_paths.get(path, {}).values() if name})
+
+    layers = [path for path in _adapter_leaves(flat, adapter_name)
+              if path and not (len(path) >= 2 and path[-2] in PARAM_SLOTS)]
+    saved = {path[:i] for path in flat for i in range(len(path) - 1)
+             if path[i:i + 2] == (SAVED_MODULES_KEY, adapter_name)}
+    mapped = dict(hf_dict)
+    if isinstance(mapped.get("target_modules"), list) and layers:
+        mapped["target_modules"] = names(layers)
+    if mapped.get("modules_to_save") and saved:
+        mapped["modules_to_save"] = names(saved)
+    return mapped
 
 
 def _unmapped_targets(targets: list[str], trace: Trace, key_mapping: Mapping[str, str]) -> list[str]:
-    """The module paths of this model whose names, renamed by ``key_mapping``, the file's ``target_modules``
-    match (so an adapter saved with a ``key_mapping`` targets the same modules when loaded with it)."""
+    """The module paths of this model whose names, renamed by ``key_mapping``, the file's ``target_modules`` (or
+    ``modules_to_save``) match: an adapter saved with a ``key_mapping`` covers the same modules loaded with it."""
     names = {name for paths in trace.module_virtual_paths.values() for name in paths.values() if name}
     return sorted(name for name in names if _targets.matches(renamed(name, key_mapping), targets)) or targets
 
@@ -604,12 +617,11 @@ def save_adapter(folder: str | os.PathLike, variables: Any, config: PeftConfig, 
     ``apply_fn(variables, *sample_args, **sample_kwargs)`` is traced once (``jax.eval_shape``, nothing is
     computed) to name the adapted layers the Hugging Face way; ``key_mapping`` (``{regex: replacement}``, applied
     with ``re.sub`` in order to each tensor name without the ``base_model.model.`` prefix) renames them for a model
-    whose module paths differ from the transformers model's, and the saved ``target_modules`` follow. The folder
-    gets ``adapter_config.json`` and
-    ``adapter_model.safetensors``; an adapter not named ``"default"`` goes to ``<folder>/<adapter_name>`` as in HF
-    PEFT, checked to stay inside ``folder`` (``adapter_folder``) before anything is written. Both files are written
-    to a temporary folder first and moved in place, so an error leaves nothing half-written. Returns the folder
-    written.
+    whose module paths differ from the transformers model's, and the saved ``target_modules`` and
+    ``modules_to_save`` follow. The folder gets ``adapter_config.json`` and ``adapter_model.safetensors``; an
+    adapter not named ``"default"`` goes to ``<folder>/<adapter_name>`` as in HF PEFT, checked to stay inside
+    ``folder`` (``adapter_folder``) before anything is written. Both files are written to a temporary folder first
+    and moved in place, so an error leaves nothing half-written. Returns the folder written.
 
     Example:
         >>> import json, os, tempfile, jax, jax.numpy as jnp, flax.linen as nn, jaxpeft
@@ -644,8 +656,7 @@ def save_adapter(folder: str | os.PathLike, variables: Any, config: PeftConfig, 
     slots = {**adapter_slots, **{k: base_slots[k] for k in _bias_keys(config, base_slots)}}
     if key_mapping:
         slots = _renamed_slots(slots, key_mapping)
-        _mapped_targets(hf_dict, [re.sub(r"\.(lora_|ia3_l).*$", "", name) for name in slots
-                                  if re.search(r"\.(lora_|ia3_l)", name)])
+        hf_dict = _mapped_options(hf_dict, trace, flat, adapter_name, key_mapping)
     prefix = _key_prefix(method)
     tensors = {}
     for name, slot in slots.items():
@@ -787,9 +798,10 @@ def load_adapter(folder: str | os.PathLike, apply_fn: Callable, variables: Any, 
     if adapter_name in adapter_names(variables):
         raise AdapterError(f"an adapter named {adapter_name!r} already exists; pass another adapter_name=")
     trace = trace_layers(apply_fn, strip_adapters(variables), sample_args, sample_kwargs)
-    if key_mapping and isinstance(getattr(config, "target_modules", None), list):
-        config = dataclasses.replace(config, target_modules=_unmapped_targets(config.target_modules, trace,
-                                                                              key_mapping))
+    if key_mapping:
+        config = dataclasses.replace(config, **{
+            option: _unmapped_targets(getattr(config, option), trace, key_mapping)
+            for option in ("target_modules", "modules_to_save") if isinstance(getattr(config, option, None), list)})
     if "modules_to_save" in {field.name for field in dataclasses.fields(config)}:
         config = dataclasses.replace(config, modules_to_save=_present_saved_modules(config, trace))
     # Built in inference mode, which skips initialisations that need more than the model (prompt tuning's TEXT

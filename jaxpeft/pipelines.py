@@ -42,17 +42,19 @@ class PipelineError(ValueError):
 
 
 class NnxRunner:
-    """A Flax NNX model (or a ``jaxpeft.nnx.PeftModel``, its active adapter running) as pipelines run models:
-    called with the batch's inputs under ``nnx.jit``, its output (an array) taken as the task's ``logits`` (and
-    ``last_hidden_state``); ``head`` says what the model computes."""
+    """A Flax NNX model (or a ``jaxpeft.nnx.PeftModel``, its active adapter running) as pipelines run models: a
+    copy in inference mode, called with the batch's inputs under ``nnx.jit``, its output (an array) taken as the
+    task's ``logits`` (and ``last_hidden_state``); ``head`` says what the model computes."""
 
     def __init__(self, model: Any, head: str):
         from flax import nnx
 
         from jaxpeft.nnx import PeftModel
+        from jaxpeft.nnx._graph import independent_copy
         from jaxpeft.nnx._model import ModelInfo
 
-        self.model = model
+        self.model = independent_copy(model)  # in inference mode (no dropout), sharing the model's arrays
+        self.model.eval()
         self.base_model = ModelInfo(model.base_model if isinstance(model, PeftModel) else model, head)
         self.active_adapter = getattr(model, "active_adapter", None)
         self._forward = nnx.jit(lambda module, inputs: module(**inputs))
@@ -64,10 +66,8 @@ class NnxRunner:
 
 def _runner(model: Any, task: str, heads: tuple[str, ...] | None) -> Any:
     """``model`` as the pipeline runs it: an NNX model through ``NnxRunner``, any other model as it is."""
-    try:
-        from flax import nnx
-    except ImportError:  # pragma: no cover - flax is a dependency
-        return model
+    from flax import nnx
+
     if not isinstance(model, nnx.Module):
         return model
     if task == "text-generation":

@@ -123,12 +123,15 @@ TO_HF = {r"^tok_embed": "model.embed_tokens", r"^blocks\.": "model.layers.", r"^
 def test_key_mapping_writes_files_torch_peft_loads(llama, tmp_path):
     torch_model, model, _ = llama
     renamed = RenamedLlama(model)
-    config = jaxpeft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj", "head"],
-                                init_lora_weights=False)
+    config = jaxpeft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"], modules_to_save=["head"],
+                                init_lora_weights=False, layers_to_transform=[1])
     adapted = peft_nnx.get_peft_model(renamed, config, jnp.asarray(TOKENS), key=3)
+    head = adapted.base_model.head
+    nnx.update(head, jax.tree_util.tree_map(lambda leaf: leaf * 1.5, nnx.state(head, nnx.LoRAParam)))
     adapted.save_pretrained(tmp_path, key_mapping=TO_HF)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert sorted(saved["target_modules"]) == ["lm_head", "q_proj", "up_proj"]
+    assert saved["target_modules"] == ["model.layers.1.mlp.up_proj", "model.layers.1.self_attn.q_proj"]
+    assert saved["modules_to_save"] == ["lm_head"]
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), str(tmp_path)).eval()
     ours = np.asarray(adapted(jnp.asarray(TOKENS)))
     assert np.abs(ours - torch_logits(torch_model)).max() > 1e-3
@@ -230,8 +233,13 @@ def test_methods_merge_into_the_nnx_model(llama, config):
     tokens = jnp.asarray(TOKENS)
     adapted = peft_nnx.get_peft_model(model, config, tokens, key=1)
     out = np.asarray(adapted(tokens))
+    change = np.abs(out - np.asarray(model(tokens))).max()
     if isinstance(config, jaxpeft.LoraConfig) and config.init_lora_weights == "pissa":
-        assert np.abs(out - np.asarray(model(tokens))).max() < 1e-4  # PiSSA starts at the base model
+        assert change < 1e-4  # PiSSA starts at the base model (the residual plus the principal part)
+        residual = adapted.base_model.model.layers[0].self_attn.v_proj.base_layer.kernel[...]
+        assert not np.allclose(residual, model.model.layers[0].self_attn.v_proj.kernel[...])
+    else:
+        assert change > 1e-3  # the adapter (random, not the identity) changes the output
     merged = adapted.merge_and_unload()
     assert type(merged) is Llama and not nnx.state(merged, nnx.LoRAParam)
     assert np.abs(np.asarray(merged(tokens)) - out).max() < 2e-5
@@ -454,17 +462,22 @@ def test_stock_nnx_layers_match_their_linen_counterparts(kind):
     x = jnp.arange(6).reshape(2, 3) % 10 if shape is None else jax.random.normal(jax.random.key(1), shape)
     config = jaxpeft.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
     adapted = peft_nnx.get_peft_model(layer, config, key=2)
-    linen = make_linen()
+    a, b = (np.asarray(adapted.base_model.__dict__[key]["default"][...]) for key in ("lora_A", "lora_B"))
+    weight_name = "embedding" if kind == "embed" else "kernel"
+    by_hand = nnx.clone(layer)  # the layer with W + (alpha / r) A B, A and B contracted over the rank
+    weight = getattr(by_hand, weight_name)
+    weight.set_value(weight[...] + (config.lora_alpha / config.r) * np.tensordot(a, b, axes=1))
+    reference = np.asarray(by_hand(x))
+    assert np.abs(np.asarray(adapted(x)) - np.asarray(layer(x))).max() > 1e-3
+    assert np.abs(np.asarray(adapted(x)) - reference).max() < 1e-5
+    linen = make_linen()  # and jaxpeft's linen path on the same weights and leaves agrees
     variables = {"params": nnx.state(adapted, nnx.Param).to_pure_dict()["base_model"]}
     variables["params"] = {**variables["params"].pop("base_layer"), **variables["params"]}
-    constants = nnx.state(adapted, peft_nnx.AdapterConstant).to_pure_dict()["base_model"]
-    variables["params"].update(constants)
-    reference = jaxpeft.rewrite(linen.apply, config)(variables, x)
-    assert np.abs(np.asarray(adapted(x)) - np.asarray(linen.apply(variables, x))).max() > 1e-3
-    assert np.abs(np.asarray(adapted(x)) - np.asarray(reference)).max() < 1e-5
+    variables["params"].update(nnx.state(adapted, peft_nnx.AdapterConstant).to_pure_dict()["base_model"])
+    assert np.abs(np.asarray(jaxpeft.rewrite(linen.apply, config)(variables, x)) - reference).max() < 1e-5
     merged = adapted.merge_and_unload()
     assert type(merged) is type(layer)
-    assert np.abs(np.asarray(merged(x)) - np.asarray(reference)).max() < 1e-5
+    assert np.abs(np.asarray(merged(x)) - reference).max() < 1e-5
 
 
 def test_command_line_trains_and_evaluates_an_nnx_factory_model(assets, tmp_path, capsys):
@@ -515,11 +528,13 @@ class PooledClassifier(nnx.Module):
 def test_pipelines_run_nnx_models(assets):
     tokenizer = transformers.AutoTokenizer.from_pretrained(assets / "bert")
     model = PooledClassifier(tokenizer.vocab_size, nnx.Rngs(0))
-    adapted = peft_nnx.get_peft_model(model, jaxpeft.LoraConfig(r=2, target_modules=["proj"],
+    adapted = peft_nnx.get_peft_model(model, jaxpeft.LoraConfig(r=2, target_modules=["proj"], lora_dropout=0.5,
                                                                 init_lora_weights=False))
     texts = ["a good movie", "an awful and dull film today"]
     classifier = jaxpeft.pipeline("text-classification", adapted, tokenizer, batch_size=2)
     results = classifier(texts, top_k=None)
+    assert classifier(texts, top_k=None) == results  # inference: no dropout
+    adapted.eval()
     encoded = tokenizer(texts, return_tensors="np", padding=True)
     probabilities = jax.nn.softmax(adapted(jnp.asarray(encoded["input_ids"]),
                                            jnp.asarray(encoded["attention_mask"])), axis=-1)
@@ -528,3 +543,49 @@ def test_pipelines_run_nnx_models(assets):
         np.testing.assert_allclose([scores["LABEL_0"], scores["LABEL_1"]], expected, atol=1e-5)
     with pytest.raises(jaxpeft.PipelineError, match="text-generation needs one of jaxpeft's model families"):
         jaxpeft.pipeline("text-generation", adapted, tokenizer)
+
+
+class DropoutBlock(nnx.Module):
+    """A block with NNX state of its own: a dropout with its own RNG stream, called with ``rngs=`` as NNX allows."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.up = nnx.Linear(8, 16, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.down = nnx.Linear(16, 8, rngs=rngs)
+
+    def __call__(self, x, rngs=None):
+        return self.down(self.drop(jax.nn.relu(self.up(x)), rngs=rngs))
+
+
+class RawDropout(nnx.Module):
+    """A module with a raw kernel and a dropout inside its own call."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (8, 8)))
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(x @ self.w[...])
+
+
+def test_models_with_nnx_state_of_their_own():
+    model = DropoutBlock(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 8))
+    adapted = peft_nnx.get_peft_model(model, jaxpeft.LoraConfig(r=2, target_modules=["up", "down"],
+                                                                init_lora_weights=False))
+    first, second = adapted(x), adapted(x)
+    assert np.abs(np.asarray(first) - np.asarray(second)).max() > 1e-3  # the block's dropout stream advances
+    explicit = adapted(x, rngs=nnx.Rngs(dropout=7))  # a call-time rngs reaches the module, not jaxpeft
+    assert np.array_equal(np.asarray(explicit), np.asarray(adapted(x, rngs=nnx.Rngs(dropout=7))))
+    functional = adapted.functional()
+    outputs = [functional.apply_fn(functional.params, x, rngs={"dropout": jax.random.key(seed)}) for seed in (1, 1, 2)]
+    assert np.array_equal(outputs[0], outputs[1]) and not np.array_equal(outputs[0], outputs[2])
+    adapted.eval()
+    assert np.array_equal(np.asarray(functional.apply_fn(functional.params, x)), np.asarray(adapted(x)))
+    holder = nnx.Sequential(RawDropout(nnx.Rngs(0)), nnx.Linear(8, 8, rngs=nnx.Rngs(1)))
+    traced = peft_nnx.get_peft_model(holder, jaxpeft.LoraConfig(r=2, target_modules=["layers.0"]), x)
+    with pytest.raises(jaxpeft.AdapterError, match=r"module layers\.0 \(RawDropout\) changes NNX state"):
+        traced(x)
+    traced.eval()  # without dropout its call changes no state: it adapts
+    by_hand = holder.layers[1](x @ holder.layers[0].w[...])  # B starts at zero; no dropout in eval mode
+    assert np.abs(np.asarray(traced(x)) - np.asarray(by_hand)).max() < 1e-6

@@ -29,12 +29,14 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
-from jaxpeft import _tracing
+from jaxpeft import _contractions, _tracing, core
 from jaxpeft._tracing import OUTPUT_HEAD_NAMES, PARAM_SLOTS, Layer, Trace
+from jaxpeft.core import AdapterError
 from jaxpeft.tree import ADAPTER_KEYS, flatten
 
 Path = tuple[str, ...]
 BASE_LAYER = "base_layer"
+MODULE_RNGS = "_jaxpeft_module_rngs"  # a module call's own ``rngs`` argument, while linen's ``rngs`` is in use
 ROUTE, ADAPT = "route", "adapt"  # a wrapper that only shows the module to the core / that applies adapters
 # The dropout key of the linen apply a module runs in: modules inside it that show themselves to the core run
 # their own apply with a key derived from it, so adapters on them drop out too.
@@ -114,7 +116,16 @@ def layer_apply(module: nnx.Module, path: Path) -> Callable:
     parameters (and adapter leaves) read from ``variables["params"]`` at that path."""
 
     def run(params, *args, **kwargs):
-        return rebuild(module, params)(*args, **kwargs)
+        if MODULE_RNGS in kwargs:  # the module's own ``rngs`` argument, kept apart from linen's
+            kwargs["rngs"] = kwargs.pop(MODULE_RNGS)
+        tracing = _contractions.TRACING.get()
+        fresh, state = rebuild(module, params, detach_state=tracing)
+        out = fresh(*args, **kwargs)
+        if tracing and _ADAPTING.get() and any(var.get_value() is not value for var, value in state):
+            raise AdapterError(f"module {'.'.join(path) or '(the model)'} ({type(module).__name__}) changes NNX state "
+                               "(RNG counts, caches) in its call, which adapters on its own parameters cannot "
+                               "follow (they trace the call); adapt the layers inside it instead")
+        return out
 
     unbound = mirror(module, run)
 
@@ -172,17 +183,24 @@ def params_tree(root: nnx.Module) -> dict:
                                               for path, (_, var) in param_variables(root).items()})
 
 
-def rebuild(module: nnx.Module, params: Mapping) -> nnx.Module:
+def rebuild(module: nnx.Module, params: Mapping, detach_state: bool = False) -> tuple[nnx.Module, list]:
     """A new ``module`` (same graph) whose parameters and adapter leaves take their values from ``params`` (a
-    linen-style tree); other variables (RNG counts, caches) stay shared with ``module``."""
+    linen-style tree), and its other variables (RNG counts, caches) with the values they start with. Those stay
+    shared with ``module`` (their updates are the module's), or with ``detach_state`` are copies (for a call traced
+    to a jaxpr, whose updates must not reach the module)."""
     graphdef, state = nnx.split(module)
     values = flatten(params)
     wrappers = _wrapper_paths(module)
-    flat = []
+    flat, others = [], []
     for path, variable in nnx.to_flat_state(state):
         key = layout_path(path, wrappers) if is_param_like(variable) else None
-        flat.append((path, variable.replace(values[key]) if key in values else variable))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+        if key in values:
+            variable = variable.replace(values[key])
+        elif key is None:
+            variable = variable.replace(variable.get_value()) if detach_state else variable
+            others.append((variable, variable.get_value()))
+        flat.append((path, variable))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat)), others
 
 
 def independent_copy(model: nnx.Module) -> nnx.Module:
@@ -248,7 +266,7 @@ _ADAPTING: contextvars.ContextVar = contextvars.ContextVar("jaxpeft_nnx_adapting
 
 @contextlib.contextmanager
 def selecting(selection: Any, dropout_key: jax.Array | None = None) -> Iterator[None]:
-    token = _SELECTION.set((selection, dropout_key))
+    token = _SELECTION.set((selection, dropout_key, [0]))  # [0]: adapted module calls so far, for their masks
     try:
         yield
     finally:
@@ -296,7 +314,7 @@ class AdaptedModule(nnx.Module):
     def add_leaves(self, leaves: Mapping[Path, nnx.Variable]) -> None:
         """Keeps ``leaves`` (``{path below this module, starting with an adapter key: variable}``)."""
         for path, variable in leaves.items():
-            if not hasattr(self, path[0]) or path[0] not in vars(self):
+            if path[0] not in vars(self):
                 setattr(self, path[0], nnx.data({}))
             node = getattr(self, path[0])
             for segment in path[1:-1]:
@@ -314,27 +332,30 @@ class AdaptedModule(nnx.Module):
         return {"params": _nested(self.layer_path, params)}
 
     def __call__(self, *args, **kwargs):
-        from jaxpeft import core  # the core imports the methods, which need nothing from here
-
         apply_fn = layer_apply(self.base_layer, self.layer_path)
+        module_kwargs = dict(kwargs)
+        if "rngs" in kwargs:
+            kwargs[MODULE_RNGS] = kwargs.pop("rngs")
         if self.mode == ROUTE or _ADAPTING.get():
             key = _ROUTE_DROPOUT.get()
             rngs = None if key is None else {"dropout": _module_key(key, self.layer_path)}
             return apply_fn(self._variables(), *args, rngs=rngs, **kwargs)
-        selection, dropout_key = _SELECTION.get((self.active_adapter, None))
+        selection, dropout_key, calls = _SELECTION.get((self.active_adapter, None, [0]))
         configs = dict(self.peft_configs.value)
         variables = self._variables()
         present = set(core.adapter_names(variables))
         if isinstance(selection, core.AdapterMix):
             names = tuple(name if name in present else core.BASE for name in selection.names)
             if set(names) == {core.BASE}:
-                return self.base_layer(*args, **kwargs)
+                return self.base_layer(*args, **module_kwargs)
             selection = core.AdapterMix(selection.index, names)
         elif selection is None or selection not in present:
-            return self.base_layer(*args, **kwargs)
+            return self.base_layer(*args, **module_kwargs)
         rewritten = core.rewrite(apply_fn, {name: configs[name] for name in present if name in configs})
-        if dropout_key is not None:  # each module its own masks
-            kwargs["rngs"] = {"dropout": _module_key(dropout_key, self.layer_path)}
+        if dropout_key is not None:  # each module call its own masks
+            calls[0] += 1
+            key = jax.random.fold_in(_module_key(dropout_key, self.layer_path), calls[0])
+            kwargs["rngs"] = {"dropout": key}
         token = _ADAPTING.set(True)
         try:
             return rewritten(variables, *args, adapter_name=selection, **kwargs)
@@ -375,9 +396,9 @@ def described(model: nnx.Module) -> Trace:
     kernel shapes from their attributes, stacking axes from the stored shapes) and every module path. Modules
     that are not stock layers are listed, not analysed: seeing how they use their parameters takes a run."""
     params = {path: tuple(var.get_value().shape) for path, (_, var) in param_variables(model).items()}
-    modules = [(path, module) for path, module in callable_modules(model)]
+    modules = callable_modules(model)
     kernels = {path: _stock_kernel(module) for path, module in modules}
-    seen = {path + (name,): shape for path, found in kernels.items() if found for name, shape in [found]}
+    seen = {path + (found[0],): found[1] for path, found in kernels.items() if found is not None}
     stacking = _tracing._stacking_from_shapes(seen, params)
     virtual = {path: _tracing.virtual_paths_for(path, stacking) for path, _ in modules}
     layers = {}
@@ -386,9 +407,10 @@ def described(model: nnx.Module) -> Trace:
             continue
         name, shape = kernels[path]
         full = params[path + (name,)]
-        layers[path] = Layer(path, _tracing.layer_kind(mirror(module, None)), mirror(module, None), shape,
-                             None, len(shape), full[: len(full) - len(shape)], virtual[path],
-                             bool(path) and path[-1] in OUTPUT_HEAD_NAMES)
+        stand_in = mirror(module, None)
+        is_head = bool(path) and path[-1] in OUTPUT_HEAD_NAMES
+        layers[path] = Layer(path, _tracing.layer_kind(stand_in), stand_in, shape, None, len(shape),
+                             full[: len(full) - len(shape)], virtual[path], is_head)
     types = {path: type(module).__name__ for path, module in modules}
     return Trace(layers, types, virtual, params)
 
@@ -404,9 +426,12 @@ def unseen_modules(trace: Trace) -> list[str]:
 def view(model: nnx.Module) -> tuple[Callable, dict]:
     """``(apply_fn, variables)``: ``model`` as a linen-style pure apply function and its variables.
 
-    ``variables["params"]`` holds every ``nnx.Param`` value (and any adapter leaves) by NNX graph path, and
-    ``apply_fn(variables, *args, **kwargs)`` runs the NNX model on them. Every function of jaxpeft's core takes
-    this pair: ``init_adapters``, ``merge``, ``trainable_mask``, ``save_adapter``, ``load_adapter``.
+    ``variables["params"]`` holds every ``nnx.Param`` value (and any adapter leaves) by module path (the NNX graph
+    path without the wrappers' ``base_layer``), and ``apply_fn(variables, *args, rngs=None, **kwargs)`` runs the
+    NNX model on them, as a linen apply: with ``rngs={"dropout": key}`` its dropout (the model's own and the
+    adapters') draws from ``key``, without it the model runs in ``.eval()`` mode. Every function of jaxpeft's core
+    takes this pair: ``init_adapters``, ``rewrite``, ``merge``, ``trainable_mask``, ``save_adapter``,
+    ``load_adapter``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -421,10 +446,14 @@ def view(model: nnx.Module) -> tuple[Callable, dict]:
     """
     graphdef, state = nnx.split(model)
 
-    def apply_fn(variables, *args, **kwargs):
+    def apply_fn(variables, *args, rngs=None, **kwargs):
         routed = route_all(nnx.merge(graphdef, state))
+        if rngs and "dropout" in rngs:  # the model's own dropout draws from the call's key, as linen's would
+            nnx.reseed(routed, dropout=rngs["dropout"], default=jax.random.fold_in(rngs["dropout"], 1))
+        else:
+            routed.eval()
         root = routed.base_layer if isinstance(routed, AdaptedModule) else routed
-        return layer_apply(root, ())(variables, *args, **kwargs)
+        return layer_apply(root, ())(variables, *args, rngs=rngs, **kwargs)
 
     apply_fn.trace_without_inputs = lambda: described(model)
     return apply_fn, {"params": params_tree(model)}

@@ -102,9 +102,14 @@ def _first_adapter_key(path: tuple[str, ...]) -> int | None:
     return next((i for i, segment in enumerate(path) if segment in ADAPTER_KEYS or segment in PARAM_SLOTS), None)
 
 
-def _plain(model: nnx.Module, params: Mapping) -> nnx.Module:
-    """A copy of ``model`` without wrappers, its parameters set from ``params`` (a linen-style tree), every
-    parameter an ``nnx.Param`` again."""
+def _retyped(variable: nnx.Variable, kind: type, value: Any) -> nnx.Variable:
+    """``variable`` as a variable of type ``kind`` holding ``value``, with its metadata (sharding, ...)."""
+    return kind.from_metadata(value, dict(variable.get_metadata()))
+
+
+def _plain(model: nnx.Module, params: Mapping, trained_base: frozenset) -> nnx.Module:
+    """A copy of ``model`` without wrappers, its parameters set from ``params`` (a linen-style tree); the base
+    parameters that trained as ``nnx.LoRAParam`` (``trained_base``, by path) are ``nnx.Param`` again."""
     plain = independent_copy(model)
     for wrapper in sorted(_wrappers(plain), key=lambda w: -len(w.layer_path)):
         if wrapper.layer_path:
@@ -114,8 +119,8 @@ def _plain(model: nnx.Module, params: Mapping) -> nnx.Module:
     values = flatten(params)
     for path, (nnx_path, variable) in param_variables(plain).items():
         value = values.get(path, variable.get_value())
-        if type(variable) is not nnx.Param and isinstance(variable, nnx.Param):
-            _replace_variable(plain, nnx_path, nnx.Param(value))
+        if path in trained_base:
+            _replace_variable(plain, nnx_path, _retyped(variable, nnx.Param, value))
         else:
             variable.set_value(value)
     return plain
@@ -157,6 +162,7 @@ class PeftModel(nnx.Module):
         self.disabled = False
         self.rngs = nnx.Rngs(dropout=seed)  # adapter dropout, while not ``deterministic`` (``.eval()``)
         self.deterministic = False
+        self.trained_base = frozenset()  # paths of base parameters that train (bias="all"), as nnx.LoRAParam
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
@@ -210,7 +216,8 @@ class PeftModel(nnx.Module):
         for path, (nnx_path, variable) in existing.items():
             value = flat.get(path, variable.get_value())
             if path in trains and not isinstance(variable, nnx.LoRAParam):  # a bias that trains (bias="all")
-                _replace_variable(self.base_model, nnx_path, nnx.LoRAParam(value))
+                _replace_variable(self.base_model, nnx_path, _retyped(variable, nnx.LoRAParam, value))
+                self.trained_base = self.trained_base | {path}
             elif value is not variable.get_value():  # PiSSA leaves the residual in the kernel
                 variable.set_value(value)
         specs, mesh = _leaf_specs(variables, existing)
@@ -269,12 +276,12 @@ class PeftModel(nnx.Module):
         name = self._name(adapter_name)
         _, variables = self._view()
         merged = core.merge(variables, self.peft_configs.value[name], name)
-        return _plain(self.base_model, merged["params"])
+        return _plain(self.base_model, merged["params"], self.trained_base)
 
     def unload(self) -> nnx.Module:
         """The base model without any adapter (its own classes and weights)."""
         _, variables = self._view()
-        return _plain(self.base_model, strip_adapters(variables)["params"])
+        return _plain(self.base_model, strip_adapters(variables)["params"], self.trained_base)
 
     def trainable_parameters(self) -> ParameterCount:
         """Trainable (``nnx.LoRAParam``) and total parameter counts, as HF PEFT's
@@ -327,8 +334,9 @@ class PeftModel(nnx.Module):
     def from_pretrained(cls, model: nnx.Module, folder: str | os.PathLike, *example_args,
                         adapter_name: str = DEFAULT, key_mapping: Mapping[str, str] | None = None,
                         is_trainable: bool = False, **example_kwargs) -> PeftModel:
-        """``model`` with the adapter in ``folder`` (an HF PEFT folder); ``model`` itself is not changed. As in HF
-        PEFT, the result is in inference mode (``.eval()``: no dropout) unless ``is_trainable``."""
+        """``model`` with the adapter in ``folder`` (an HF PEFT folder); ``model`` itself is not changed. The
+        result is in ``.eval()`` mode (no dropout) unless ``is_trainable``, as HF PEFT loads for inference; its
+        adapter leaves are ``nnx.LoRAParam`` either way (an optimizer with ``wrt=nnx.LoRAParam`` trains them)."""
         peft = cls(independent_copy(model), (example_args, example_kwargs))
         peft.load_adapter(folder, adapter_name, key_mapping)
         if not is_trainable:
