@@ -1,6 +1,6 @@
 """jaxpeft: parameter-efficient fine-tuning for JAX and Flax."""
 
-from jaxpeft import evaluation, sharding
+from jaxpeft import evaluation, quantization, sharding
 from jaxpeft.config import ConfigError, PeftConfig
 from jaxpeft.core import (
     AdapterError,
@@ -22,6 +22,7 @@ from jaxpeft.methods.prefix_tuning import PrefixTuningConfig
 from jaxpeft.methods.prompt_tuning import PromptTuningConfig, extend_labels
 from jaxpeft.peft_model import PeftModel, get_peft_model
 from jaxpeft.pipelines import Pipeline, PipelineError, pipeline
+from jaxpeft.quantization import QuantizationConfig, QuantizedArray, quantize
 from jaxpeft.trainer import Trainer, TrainingArguments
 from jaxpeft.tree import ParameterCount, adapter_names, combine, count_parameters, partition, strip_adapters
 
@@ -43,6 +44,8 @@ __all__ = [
     "PipelineError",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "QuantizationConfig",
+    "QuantizedArray",
     "Trainer",
     "TrainingArguments",
     "adapter_names",
@@ -60,6 +63,8 @@ __all__ = [
     "merge",
     "partition",
     "pipeline",
+    "quantization",
+    "quantize",
     "rewrite",
     "save_adapter",
     "sharding",

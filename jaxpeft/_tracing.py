@@ -24,9 +24,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
-from jaxpeft import _contractions
+from jaxpeft import _contractions, quantization
+from jaxpeft.tree import shape_of, shapes
 
 Path = tuple[str, ...]
 # Slots under a module's parameters for the leaves of adapters on one of its own parameters:
@@ -148,14 +148,13 @@ def _root_scope(scope):
 
 
 def _leaf_ndims(tree) -> dict[Path, int]:
-    flat = traverse_util.flatten_dict(nn.meta.unbox(tree)) if tree else {}
-    return {k: len(v.shape) for k, v in flat.items() if hasattr(v, "shape")}
+    return {path: len(shape) for path, shape in shapes(tree).items()} if tree else {}
 
 
 def own_matrices(module: nn.Module) -> dict[str, jax.Array]:
     """The module's own parameters (not its submodules') of two or more axes, unboxed."""
     params = module.variables.get("params", {})
-    own = {name: nn.meta.unbox(value) for name, value in params.items() if not isinstance(value, Mapping)}
+    own = {name: quantization.pin(value) for name, value in params.items() if not isinstance(value, Mapping)}
     return {name: value for name, value in own.items() if jnp.ndim(value) >= 2}
 
 
@@ -208,15 +207,16 @@ def trace_layers(apply_fn: Callable, variables: Any, args: tuple, kwargs: dict) 
         if context.method_name in ("<lambda>", "setup") or module.scope is None or layer_kind(module) is not None:
             return next_fun(*call_args, **call_kwargs)
         path = tuple(module.path)
-        own = own_matrices(module)
-        if not own or path in analysing:
-            return next_fun(*call_args, **call_kwargs)
-        analysing.add(path)
-        param_modules.setdefault(path, module.clone(parent=None))
-        try:
-            return _traced_uses(next_fun, call_args, call_kwargs, own, path, param_uses)
-        finally:
-            analysing.discard(path)
+        with quantization.pinning():
+            own = own_matrices(module)
+            if not own or path in analysing:
+                return next_fun(*call_args, **call_kwargs)
+            analysing.add(path)
+            param_modules.setdefault(path, module.clone(parent=None))
+            try:
+                return _traced_uses(next_fun, call_args, call_kwargs, own, path, param_uses)
+            finally:
+                analysing.discard(path)
 
     def record(next_fun, call_args, call_kwargs, context):
         module = context.module
@@ -227,7 +227,7 @@ def trace_layers(apply_fn: Callable, variables: Any, args: tuple, kwargs: dict) 
         module_types.setdefault(path, type(module).__name__)
         for name, value in module.variables.get("params", {}).items():
             if hasattr(value, "shape") or isinstance(value, nn.meta.AxisMetadata):
-                seen_shapes.setdefault(path + (name,), tuple(jnp.shape(nn.meta.unbox(value))))
+                seen_shapes.setdefault(path + (name,), shape_of(value))
         if context.method_name == "__call__" and path not in module_outputs and _is_one_array(out):
             module_outputs[path] = jax.ShapeDtypeStruct(out.shape, out.dtype)
         root = _root_scope(module.scope)
@@ -253,8 +253,7 @@ def trace_layers(apply_fn: Callable, variables: Any, args: tuple, kwargs: dict) 
 
     jax.eval_shape(traced, variables)
     params = variables["params"] if "params" in variables else {}
-    full_shapes = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(nn.meta.unbox(params)).items()
-                   if hasattr(v, "shape")}
+    full_shapes = shapes(params)
     stacking = (_stacking_boundaries(boundary_views, full_shapes) if boundary_views
                 else _stacking_from_shapes(seen_shapes, full_shapes))
 

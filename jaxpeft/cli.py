@@ -440,6 +440,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _Command]]:
                  metavar="TASK", required=True)
     train.option(group, "--num-labels", "int", "classes of the classification head (default: from the labels)",
                  bounds=AT_LEAST_ONE)
+    train.option(group, "--quantize", "str", "hold the frozen base quantized (QLoRA): nf4, fp4, int8 or int4",
+                 choices=("nf4", "fp4", "int8", "int4"))
+    train.option(group, "--double-quant", "flag", "with --quantize nf4/fp4: quantize the block scales too "
+                 "(bitsandbytes' double quantization)")
     group = train.group("method")
     train.option(group, "--method", "str", "the PEFT method", choices=tuple(METHODS), required=True)
     for flag, kind, help_text, bounds in METHOD_OPTIONS:
@@ -787,6 +791,8 @@ def _load_adapted(options: argparse.Namespace, *, needs_adapter: bool, task: str
             overrides["num_labels"] = run["num_labels"]
         elif adapter is not None and _adapter_num_labels(adapter):
             overrides["num_labels"] = _adapter_num_labels(adapter)
+    if model_source == run.get("model"):
+        overrides.update(_recorded_quantization(run))
     base = load_model(model_source, task, quiet=adapter is not None, **overrides)
     model = _with_adapter(base, adapter) if adapter else base
     tokenizer_source = options.tokenizer or run.get("tokenizer") or model_source
@@ -1018,6 +1024,28 @@ def _train_data(options: argparse.Namespace, task: str):
     return train_examples, eval_examples
 
 
+def _quantization(options: argparse.Namespace) -> dict[str, Any]:
+    """``{"quantization_config": ...}`` for ``--quantize`` (empty without it)."""
+    if options.quantize is None:
+        if options.double_quant:
+            raise UsageError("--double-quant needs --quantize nf4 or fp4")
+        return {}
+    if is_factory(options.model):
+        raise UsageError("--quantize loads a checkpoint quantized; an NNX factory builds its own model, so quantize "
+                         "it there (jaxpeft.quantize on its parameters) and drop --quantize")
+    try:
+        return {"quantization_config": jaxpeft.QuantizationConfig(options.quantize,
+                                                                  double_quant=bool(options.double_quant))}
+    except ValueError as error:
+        raise UsageError(f"--quantize {options.quantize}: {error}") from None
+
+
+def _recorded_quantization(run: dict) -> dict[str, Any]:
+    """The quantization a ``jaxpeft train`` run's base was loaded with, to load it the same way."""
+    recorded = run.get("quantization")
+    return {"quantization_config": jaxpeft.QuantizationConfig(**recorded)} if recorded else {}
+
+
 def _head_overrides(options: argparse.Namespace, task: str, names: list[str] | None, examples) -> dict[str, Any]:
     """The model config's head options for the data's labels: ``id2label`` for label names, else ``num_labels``."""
     if task == "causal_lm":
@@ -1069,7 +1097,9 @@ def _train(options: argparse.Namespace, task: str) -> int:
     all_examples = list(train_examples) + list(eval_examples or [])
     names = None if task == "causal_lm" else label_names(all_examples, options.label_column or "label", task)
     # quiet: the new classifier head is trained (modules_to_save), so transformers' "newly initialized" is moot
-    model = load_model(options.model, task, quiet=True, **_head_overrides(options, task, names, all_examples))
+    quantized = _quantization(options)
+    model = load_model(options.model, task, quiet=True, **quantized,
+                       **_head_overrides(options, task, names, all_examples))
     virtual_tokens = peft_config.num_virtual_tokens if peft_config.peft_type == "PROMPT_TUNING" else 0
     max_length = _max_length(options.max_length, model, tokenizer, virtual_tokens)
     label2id = {name: i for i, name in enumerate(names)} if names else None
@@ -1094,6 +1124,7 @@ def _train(options: argparse.Namespace, task: str) -> int:
         "columns": {"text": options.text_column, "text_pair": options.text_pair_column, "label": options.label_column,
                     "prompt": options.prompt_column, "response": options.response_column},
         "max_length": max_length,
+        "quantization": quantized["quantization_config"].to_dict() if quantized else None,
         "training_arguments": _jsonable(dataclasses.asdict(training_args)),
         "adapter": ADAPTER_FOLDER,
     }
@@ -1325,6 +1356,7 @@ def run_export(options: argparse.Namespace) -> int:
         overrides["id2label"] = {int(i): label for i, label in run["id2label"].items()}
     elif run.get("num_labels"):
         overrides["num_labels"] = run["num_labels"]
+    overrides.update(_recorded_quantization(run))
     peft_model = _peft_model(load_model(run["model"], task, quiet=True, **overrides),
                              jaxpeft.config_from_hf_dict(run["peft_config"]), args.seed)
     if is_nnx(peft_model):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import unicodedata
 from collections.abc import Callable
@@ -22,11 +23,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxpeft import _targets, _tracing
+from jaxpeft import _targets, _tracing, quantization
 from jaxpeft._tracing import OWN_PARAMS, PARAM_SLOTS, TARGET_PARAMS, Layer, Trace, trace_layers
 from jaxpeft.config import PeftConfig
 from jaxpeft.tree import ADAPTER_KEYS, SAVED_MODULES_KEY, adapter_names, flatten, strip_adapters, unflatten_like
 
+logger = logging.getLogger(__name__)
 Path = tuple[str, ...]
 BASE = "__base__"  # in a mixed batch: the row runs the base model, no adapter
 
@@ -308,7 +310,8 @@ class OwnParamCalls:
             return next_fun(*args, **kwargs)
         self._active.add(key)
         try:
-            return through()
+            with quantization.pinning():
+                return through()
         finally:
             self._active.discard(key)
 
@@ -538,7 +541,26 @@ def _weights_of(flat: dict[Path, Any], group: Path) -> dict[str, Any]:
     return {p[-1]: leaf for p, leaf in flat.items() if p[:-1] == group}
 
 
-def _apply_to_layers(variables: Any, config: PeftConfig, adapters: Any, adapter_name: str, sign: float) -> Any:
+def _merged_weights(method: Any, config: PeftConfig, layer_params: dict, leaves: dict, sign: float,
+                    requantize: bool, path: Path) -> dict[str, Any]:
+    """A layer's merged weights; a quantized weight is merged in float and, with ``requantize``, quantized again
+    like the original (the largest change that makes is logged)."""
+    quantized = {name: leaf for name, leaf in layer_params.items() if quantization.is_quantized(leaf)}
+    floats = {name: quantization.dequantize(leaf) if name in quantized else leaf for name, leaf in layer_params.items()}
+    merged = method.merge_layer(config, floats, leaves, sign)
+    if not requantize:
+        return merged
+    for name in set(merged) & set(quantized):
+        merged_float = merged[name]
+        merged[name] = quantization.requantize_like(merged_float, quantized[name])
+        logger.warning("re-quantizing the merged %s changed it by up to %.3g (the float merge is exact; "
+                       "requantize=False keeps it)", ".".join(path + (name,)),
+                       quantization.merge_error(merged_float, merged[name]))
+    return merged
+
+
+def _apply_to_layers(variables: Any, config: PeftConfig, adapters: Any, adapter_name: str, sign: float,
+                     requantize: bool = False) -> Any:
     method = method_for(config)
     if not hasattr(method, "merge_layer"):
         raise AdapterError(f"{config.peft_type} adapters cannot be merged into the base weights; keep running the "
@@ -560,20 +582,23 @@ def _apply_to_layers(variables: Any, config: PeftConfig, adapters: Any, adapter_
         if original_flat is not None:
             new_params = method.unmerge_layer(config, layer_params, leaves, _weights_of(original_flat, path))
         else:
-            new_params = method.merge_layer(config, layer_params, leaves, sign)
+            new_params = _merged_weights(method, config, layer_params, leaves, sign, requantize, path)
         for name, leaf in new_params.items():
             flat[_weight_path(path, name)] = leaf
     return _with_params(variables, unflatten_like(flat, variables["params"]))
 
 
-def merge(variables: Any, config: PeftConfig, adapter_name: str = "default") -> Any:
+def merge(variables: Any, config: PeftConfig, adapter_name: str = "default", requantize: bool = False) -> Any:
     """The plain base variables with the named adapter folded into the weights (computed in float32).
 
     Every adapter leaf is dropped from the result, and modules in ``modules_to_save`` take the adapter's
-    trained copies: the result runs with the original, un-rewritten apply.
+    trained copies: the result runs with the original, un-rewritten apply. On a quantized base the result is a
+    float model (every weight dequantized to its compute dtype); with ``requantize`` the merged weights are
+    quantized again as they were, the others stay quantized, and the error that re-quantizing adds is logged.
     """
-    merged = _apply_to_layers(variables, config, variables, adapter_name, 1.0)
-    return strip_adapters(_swap_saved_modules(merged, adapter_name))
+    merged = _apply_to_layers(variables, config, variables, adapter_name, 1.0, requantize)
+    merged = strip_adapters(_swap_saved_modules(merged, adapter_name))
+    return merged if requantize else quantization.dequantize_tree(merged)
 
 
 def unmerge(merged_variables: Any, adapters: Any, config: PeftConfig, adapter_name: str = "default") -> Any:

@@ -64,6 +64,7 @@ from jaxpeft.tree import (
     SAVED_MODULES_KEY,
     adapter_names,
     flatten,
+    shape_of,
     strip_adapters,
     unflatten_like,
 )
@@ -345,7 +346,7 @@ def _covered(flat: dict[Path, Any], leaves: dict[Path, Path], virtual: dict) -> 
     """``{stack index: HF name}`` of the layers the adapter covers: where its ``(*stack,)`` constants are not 0."""
     stack_ndim = len(next(iter(virtual)))
     masks = [_unboxed(flat[path]) for key, path in leaves.items()
-             if key[0] in CONSTANT_KEYS and len(key) == 1 and np.ndim(nn.meta.unbox(flat[path])) == stack_ndim]
+             if key[0] in CONSTANT_KEYS and len(key) == 1 and len(shape_of(flat[path])) == stack_ndim]
     return {index: name for index, name in virtual.items() if all(mask[index] != 0 for mask in masks)}
 
 
@@ -440,7 +441,7 @@ def _slots(config: PeftConfig, trace: Trace, flat: dict[Path, Any], adapter_name
             raise AdapterError(f"adapter {adapter_name!r} has leaves at {'.'.join(module_path)}, a module the sample "
                                "call does not run; pass the model's apply function and inputs it adapts")
         stack_ndim = len(next(iter(virtual)))
-        shapes = {key: tuple(np.shape(nn.meta.unbox(flat[path])))[stack_ndim:] for key, path in leaves.items()}
+        shapes = {key: shape_of(flat[path])[stack_ndim:] for key, path in leaves.items()}
         covered = _covered(flat, leaves, virtual)
         if not covered:
             continue
@@ -488,7 +489,7 @@ def _param_slots(config: PeftConfig, trace: Trace, flat: dict[Path, Any], group:
         raise AdapterError(f"the adapter has leaves for parameter {param!r} of {'.'.join(module_path)}, which the "
                            "sample call does not use; pass the model's apply function and inputs it adapts")
     stack_ndim = len(next(iter(virtual)))
-    shapes = {key: tuple(np.shape(nn.meta.unbox(flat[path])))[stack_ndim:] for key, path in leaves.items()}
+    shapes = {key: shape_of(flat[path])[stack_ndim:] for key, path in leaves.items()}
     tensors = (_param_lora_tensors(layer, shapes) if config.peft_type == "LORA" else _own_tensors(shapes))
     # HF PEFT wraps a module's parameters in the order the module registers them: the order the call uses them
     order = list(dict.fromkeys([key[-1] for key in trace.param_uses if key[:-1] == module_path]
@@ -513,7 +514,7 @@ def _add_base_slot(slots: dict[str, _Slot], trace: Trace, leaf_path: Path, modul
                                "does not run")
         return
     stack = _stack_shape(virtual)
-    shape = tuple(np.shape(nn.meta.unbox(leaf)))[len(stack):]
+    shape = shape_of(leaf)[len(stack):]
     found = _base_leaf_layout(trace, owner, module_leaf_path[-1], shape, conv1d)
     if found is None:
         if leaf_path != module_leaf_path:

@@ -281,11 +281,15 @@ class PeftModel:
 
     # ----- back to a plain model -----
 
-    def merge_and_unload(self, adapter_name: str | None = None):
-        """A plain model (same class as the base) with the adapter merged into its weights."""
+    def merge_and_unload(self, adapter_name: str | None = None, requantize: bool = False):
+        """A plain model (same class as the base) with the adapter merged into its weights.
+
+        On a quantized base the result is a float model; ``requantize=True`` quantizes the merged weights again
+        (logging the error that adds) and keeps the others quantized.
+        """
         name = self.active_adapter if adapter_name is None else adapter_name
         self._check_name(name)
-        return self._plain_model(core.merge(self.params, self.peft_config[name], name))
+        return self._plain_model(core.merge(self.params, self.peft_config[name], name, requantize=requantize))
 
     def unload(self):
         """The base model without any adapter (the weights untouched)."""

@@ -39,8 +39,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxpeft import quantization
 from jaxpeft._tracing import PARAM_SLOTS
-from jaxpeft.tree import ADAPTER_KEYS, LEAF_LAYOUTS, SAVED_MODULES_KEY, flatten, unflatten_like
+from jaxpeft.tree import ADAPTER_KEYS, LEAF_LAYOUTS, SAVED_MODULES_KEY, flatten, shape_of, unflatten_like
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -278,7 +279,7 @@ def param_specs(params: Any, base_axes: Any) -> Any:
         (P('layers', 'embed', None), P('layers', None, 'mlp'))
     """
     flat = flatten(params)
-    shapes = {path: tuple(np.shape(nn.meta.unbox(leaf))) for path, leaf in flat.items()}
+    shapes = {path: shape_of(leaf) for path, leaf in flat.items()}
     base = {path: _spec_tuple(spec, len(shapes[path])) for path, spec in flatten(base_axes or {}).items()
             if path in shapes and isinstance(spec, (PartitionSpec, type(None)))}
     specs = {}
@@ -320,10 +321,12 @@ def param_shardings(params: Any, mesh: Mesh, base_axes: Any, rules: Sequence[tup
         P('fsdp', 'tensor')
     """
     specs = flatten(param_specs(params, base_axes))
-    shapes = {path: tuple(np.shape(nn.meta.unbox(leaf))) for path, leaf in flatten(params).items()}
+    leaves = flatten(params)
     replicated: list[str] = []
-    shardings = {path: NamedSharding(mesh, _mesh_spec(path, shapes[path], spec, mesh, rules, replicated))
+    shardings = {path: NamedSharding(mesh, _mesh_spec(path, shape_of(leaves[path]), spec, mesh, rules, replicated))
                  for path, spec in specs.items()}
+    shardings = {path: quantization.child_shardings(leaves[path], sharding) if quantization.is_quantized(leaves[path])
+                 else sharding for path, sharding in shardings.items()}
     if replicated:
         logger.warning("not sharded, the mesh axes do not divide them: %s", ", ".join(replicated))
     return unflatten_like(shardings, params)

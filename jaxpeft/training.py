@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxpeft import sharding
+from jaxpeft import quantization, sharding
 from jaxpeft.methods.prompt_tuning import extend_labels
 from jaxpeft.tree import ADAPTER_KEYS, CONSTANT_KEYS, SAVED_MODULES_KEY, combine, partition
 
@@ -72,7 +72,9 @@ def init_train_state(params: Any, mask: Any, optimizer: optax.GradientTransforma
         >>> state.trainable["w"] is None, state.trainable["b"].shape, int(state.step)
         (True, (3,), 0)
     """
-    if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(mask):
+    quantized = quantization.is_quantized
+    if (jax.tree_util.tree_structure(params, is_leaf=quantized)
+            != jax.tree_util.tree_structure(mask, is_leaf=quantized)):
         raise ValueError("mask must have the structure of params; pass e.g. peft_model.trainable_mask with "
                          "peft_model.params")
     trainable, _ = partition(params, mask)
@@ -214,11 +216,13 @@ def _cast_floats(tree: Any, dtype: Any) -> Any:
     """``tree`` with its floating leaves in ``dtype``; fixed constants (LoRA's scaling, ...) are kept as they are."""
 
     def cast(path, leaf):
+        if quantization.is_quantized(leaf):  # the codes stay; the weight is dequantized straight to ``dtype``
+            return leaf.replace(dtype_name=jnp.dtype(dtype).name)
         if not jnp.issubdtype(leaf.dtype, jnp.floating) or any(key in CONSTANT_KEYS for key in _path_keys(path)):
             return leaf
         return leaf.astype(dtype)
 
-    return jax.tree_util.tree_map_with_path(cast, tree)
+    return jax.tree_util.tree_map_with_path(cast, tree, is_leaf=quantization.is_quantized)
 
 
 def _loss_and_aux(loss_fn: Callable, params: Any, batch: Any, rng: Any) -> tuple[jax.Array, dict]:
@@ -313,6 +317,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
             trainable = _cast_floats(trainable, dtype)  # the cast's gradient brings float32 gradients back
         return _loss_and_aux(loss_fn, combine(trainable, frozen), batch, rng)
 
+    if quantization.has_quantized(frozen):  # QLoRA: the float weights are rebuilt in the backward pass, not kept
+        loss_of_trainable = quantization.recompute_dequantized(loss_of_trainable)
     grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
 
     def gradients(trainable, frozen, batch, rng):

@@ -14,6 +14,8 @@ import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
+from jaxpeft.quantization import QuantizedArray
+
 SAVED_MODULES_KEY = "modules_to_save"
 
 # Keys under which PEFT methods keep their leaves inside a layer's parameters: ``params/<layer>/<key>/<adapter>``.
@@ -55,8 +57,8 @@ def partition(tree: Any, mask: Any) -> tuple[Any, Any]:
         >>> jaxpeft.combine(trainable, frozen)["w"].tolist()
         [1.0, 1.0]
     """
-    selected = jax.tree_util.tree_map(lambda leaf, keep: leaf if keep else None, tree, mask)
-    rest = jax.tree_util.tree_map(lambda leaf, keep: None if keep else leaf, tree, mask)
+    selected = jax.tree_util.tree_map(lambda keep, leaf: leaf if keep else None, mask, tree)
+    rest = jax.tree_util.tree_map(lambda keep, leaf: None if keep else leaf, mask, tree)
     return selected, rest
 
 
@@ -102,11 +104,23 @@ def count_parameters(variables: Any, mask: Any = None) -> ParameterCount:
     for path, leaf in flat.items():
         if any(key in CONSTANT_KEYS for key in path):
             continue
-        size = int(np.prod(np.shape(nn.meta.unbox(leaf))))
+        size = int(np.prod(shape_of(leaf)))
         total += size
         if flat_mask.get(path, False):
             trainable += size
     return ParameterCount(trainable, total)
+
+
+def shape_of(leaf: Any) -> tuple[int, ...]:
+    """The shape of a parameter leaf, boxed or not; a quantized weight's without dequantizing it."""
+    if isinstance(leaf, QuantizedArray):
+        return leaf.shape
+    return tuple(np.shape(nn.meta.unbox(leaf)))
+
+
+def shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """``{path: shape}`` of the leaves of a nested dict of variables (see ``shape_of``)."""
+    return {path: shape_of(leaf) for path, leaf in flatten(tree).items() if leaf is not None}
 
 
 def flatten(tree: Any) -> dict[tuple[str, ...], Any]:

@@ -24,6 +24,11 @@ the rank. Where a ``target_parameters`` parameter meets the input only in dot pr
 the update runs factorised too, ``x W + scaling * B(A(x))``, which is the same number; elsewhere (a gather, an
 addition) ``W + scaling * A B`` is formed. PiSSA runs one SVD per layer and per batch entry (expert).
 
+LoftQ (``init_lora_weights="loftq"``, Li et al., 2023) quantizes a float kernel itself: the kernel becomes a
+``QuantizedArray`` ``Q`` (nf4 for 4 bits, per-channel int8 for 8) and A and B the rank-r SVD of ``W - deq(Q)``,
+alternating the two ``loftq_iter`` times (HF PEFT's ``loftq_init``), so that ``deq(Q) + scaling * A B`` is closer
+to ``W`` than ``deq(Q)`` alone.
+
 ``A`` is the transpose of HF PEFT's ``lora_A.weight`` ([r, in]) and ``B`` that of ``lora_B.weight`` ([out, r]).
 Plain LoRA's forward pass never forms ``W + BA``: that would cost a full-size weight gradient in training. DoRA needs
 its column norms, computed from ``W + BA`` without gradient.
@@ -32,7 +37,9 @@ its column norms, computed from ``W + BA`` without gradient.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -61,14 +68,19 @@ from jaxpeft.core import (
     resolve_layers,
     resolve_parameters,
 )
+from jaxpeft.quantization import QuantizationConfig, QuantizedArray, dequantize, is_quantized, quantize_array
 from jaxpeft.tree import register_adapter_keys
 
-INIT_OPTIONS = (True, False, "gaussian", "pissa")
+INIT_OPTIONS = (True, False, "gaussian", "pissa", "loftq")
 PISSA_NITER_PREFIX = "pissa_niter_"
 BIAS_OPTIONS = ("none", "all", "lora_only")
 KINDS = ("dense", "dense_general", "embed", "conv", "einsum", "param")
 DORA_KINDS = ("dense", "dense_general", "conv", "param")
 PISSA_KINDS = ("dense", "dense_general", "param")
+LOFTQ_KINDS = ("dense", "dense_general")
+LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}  # HF PEFT's LoftQConfig
+# jaxpeft quantizer of each loftq_bits value: bitsandbytes' nf4 in blocks of 64, int8 with one scale per output
+LOFTQ_QUANTIZERS = {4: QuantizationConfig("nf4", block_size=64), 8: QuantizationConfig("int8", block_size=None)}
 MAGNITUDE = "lora_magnitude_vector"
 _RANK = "\u03c1"  # the rank axis in einsum specs: a letter no layer spec uses
 
@@ -98,7 +110,11 @@ class LoraConfig(PeftConfig):
         init_lora_weights: True (kaiming-uniform A, zero B: the model starts unchanged), ``"gaussian"``
             (A ~ N(0, (1/r)^2), zero B), False (B random too: for tests), ``"pissa"`` (A and B from the kernel's r
             principal singular components, the kernel keeps the residual) or ``"pissa_niter_<n>"`` (the same with a
-            randomized SVD of n power iterations).
+            randomized SVD of n power iterations), ``"loftq"`` (the kernel is quantized, A and B take the rank-r
+            SVD of the quantization error: see ``loftq_config``).
+        loftq_config: with ``init_lora_weights="loftq"``, ``{"loftq_bits": 4, "loftq_iter": 1}`` (HF PEFT's
+            names and defaults): 4 bits quantize to nf4, 8 bits to per-channel int8; ``loftq_iter`` alternations
+            of quantizing and the SVD. Ignored (emptied, with a warning) for other initialisations, as in HF PEFT.
         layers_to_transform: layer indices (the first numbered path segment) to adapt, with list targets.
         layers_pattern: the name of the layer list whose index counts (e.g. ``"layers"``).
         rank_pattern / alpha_pattern: ``{regex: value}`` per-module overrides of ``r`` / ``lora_alpha``.
@@ -130,6 +146,7 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     use_dora: bool = False
     lora_bias: bool = False
+    loftq_config: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         super().__post_init__()
@@ -143,7 +160,8 @@ class LoraConfig(PeftConfig):
         check(self.bias in BIAS_OPTIONS, f"bias={self.bias!r} is unknown; use one of {', '.join(BIAS_OPTIONS)}")
         check(self.init_lora_weights in INIT_OPTIONS or _pissa_niter(self.init_lora_weights) is not None,
               f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False, 'gaussian', "
-              "'pissa' or 'pissa_niter_<n>'")
+              "'pissa', 'pissa_niter_<n>' or 'loftq'")
+        self.loftq_config = _loftq_options(self.init_lora_weights, self.loftq_config)
         check(not self.lora_bias, "lora_bias=True is not supported; use lora_bias=False")
         for name in ("rank_pattern", "alpha_pattern"):
             value = {} if getattr(self, name) is None else getattr(self, name)
@@ -200,6 +218,31 @@ def _is_pissa(config: LoraConfig) -> bool:
     return config.init_lora_weights == "pissa" or _pissa_niter(config.init_lora_weights) is not None
 
 
+def _is_loftq(config: LoraConfig) -> bool:
+    return config.init_lora_weights == "loftq"
+
+
+def _loftq_options(init: Any, value: Any) -> dict[str, int]:
+    """``loftq_config`` checked and completed with HF PEFT's defaults; ``{}`` unless ``init`` is ``"loftq"``."""
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):  # HF PEFT's LoftQConfig dataclass, as HF PEFT reads it
+        check(hasattr(value, "__dict__"), f"loftq_config must be a dict such as {LOFTQ_DEFAULTS}, got {value!r}")
+        value = vars(value)
+    if init != "loftq":
+        if value:
+            warnings.warn("loftq_config is ignored unless init_lora_weights='loftq' (as in HF PEFT)", stacklevel=3)
+        return {}
+    unknown = sorted(set(value) - set(LOFTQ_DEFAULTS))
+    check(not unknown, f"loftq_config has unknown key(s) {unknown}; it takes {', '.join(LOFTQ_DEFAULTS)}")
+    options = {**LOFTQ_DEFAULTS, **value}
+    check(is_positive_int(options["loftq_bits"]) and options["loftq_bits"] in LOFTQ_QUANTIZERS,
+          f"loftq_bits={options['loftq_bits']!r} is not supported; use 4 (nf4) or 8 (int8)")
+    check(is_positive_int(options["loftq_iter"]),
+          f"loftq_iter must be a positive integer, got loftq_iter={options['loftq_iter']!r}")
+    return {key: int(number) for key, number in options.items()}
+
+
 # ----- shapes: which kernel axes are inputs and which are outputs -----
 
 def _einsum_axes(module: nn.Einsum) -> tuple[str, str, str, str, str]:
@@ -244,6 +287,9 @@ def _create_layer(key: jax.Array, config: LoraConfig, layer: Layer, dtype: Any) 
     if _is_pissa(config) and layer.kind not in PISSA_KINDS:
         raise AdapterError(f"PiSSA cannot initialise {layer.name} (a {type(layer.module).__name__}); it needs "
                            f"{', '.join(PISSA_KINDS)} layers: exclude it or use another init_lora_weights")
+    if _is_loftq(config) and layer.kind not in LOFTQ_KINDS:
+        raise AdapterError(f"LoftQ cannot initialise {layer.name} (a {type(layer.module).__name__}); it needs "
+                           f"{', '.join(LOFTQ_KINDS)} layers: exclude it or use another init_lora_weights")
     ranks = {config.rank_for(name) for name in layer.virtual_paths.values()}
     scalings = {index: config.scaling_for(name) for index, name in layer.virtual_paths.items()}
     if len(ranks) > 1:
@@ -360,6 +406,54 @@ def _param_pissa(key: jax.Array, config: LoraConfig, a: jax.Array, b: jax.Array,
     return new_a.astype(a.dtype), new_b.astype(b.dtype), residual.astype(weight.dtype)
 
 
+def _low_rank(matrices: jax.Array, rank: int) -> jax.Array:
+    """The best rank-``rank`` approximation of each of the float32 matrices ``(..., m, n)`` (truncated SVD)."""
+    u, s, vh = jnp.linalg.svd(matrices, full_matrices=False)
+    return (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]
+
+
+def loftq_quantize(kernel: jax.Array, bits: int, n_stack: int, n_in: int, dtype: Any = None) -> QuantizedArray:
+    """A linen kernel ``(*stack, *input axes, *output axes)`` quantized as LoftQ's ``bits`` ask: nf4 (blocks of
+    64, as bitsandbytes) for 4, int8 with one scale per output channel for 8; dequantized as ``dtype`` (default:
+    the kernel's)."""
+    qconfig = dataclasses.replace(LOFTQ_QUANTIZERS[bits], compute_dtype=dtype or kernel.dtype)
+    return quantize_array(kernel, qconfig, stack_axes=n_stack, in_axes=n_in)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "rank", "kernel_shape", "n_in", "dtype"))
+def loftq_matrices(weight: jax.Array, active: jax.Array, bits: int, n_iter: int | jax.Array, rank: int,
+                   kernel_shape: tuple[int, ...], n_in: int, dtype: str) -> tuple[QuantizedArray, jax.Array]:
+    """LoftQ's alternation (HF PEFT's ``loftq_init``) on float32 matrices ``weight`` ``(*stack, n_in, n_out)``,
+    a reshaped kernel of ``kernel_shape`` and ``dtype``: ``Q = quantize(W - L R)``, then ``L R`` the rank-``rank``
+    SVD of ``W - deq(Q)``, ``n_iter`` times from ``L R = 0``. Returns ``Q`` (in the kernel's layout and dtype) and
+    the last quantization error ``W - deq(Q)``. Matrices where ``active`` is False keep ``L R = 0``:
+    ``Q = quantize(W)``."""
+    def quantized_and_error(residual):
+        quantized = loftq_quantize(residual.reshape(kernel_shape), bits, weight.ndim - 2, n_in, dtype)
+        return quantized, weight - dequantize(quantized, jnp.float32).reshape(weight.shape)
+
+    def step(_, residual):
+        error = quantized_and_error(residual)[1]
+        return weight - jnp.where(active[..., None, None], _low_rank(error, rank), 0.0)
+
+    return quantized_and_error(jax.lax.fori_loop(0, n_iter - 1, step, weight))
+
+
+def _loftq(config: LoraConfig, a: jax.Array, b: jax.Array, scaling: jax.Array,
+           kernel: jax.Array) -> tuple[jax.Array, jax.Array, QuantizedArray]:
+    """LoftQ's (A, B, quantized kernel) for a stacked kernel: ``deq(Q) + scaling * A B`` approximates it. A and B
+    split the rank-r SVD of ``W - deq(Q)`` as HF PEFT does (``A = sqrt(S) V^T``, ``B = U sqrt(S)`` in torch's
+    layout), divided by ``scaling`` so that the product, not ``A B`` alone, is the correction; 0 where left alone."""
+    stack, rank = scaling.shape, a.shape[-1]
+    n_in = a.ndim - len(stack) - 1
+    weight = kernel.astype(jnp.float32).reshape(stack + (math.prod(a.shape[len(stack):-1]), -1))
+    bits, n_iter = config.loftq_config["loftq_bits"], config.loftq_config["loftq_iter"]
+    quantized, error = loftq_matrices(weight, jnp.asarray(scaling) != 0, bits=bits, n_iter=n_iter, rank=rank,
+                                      kernel_shape=tuple(kernel.shape), n_in=n_in, dtype=kernel.dtype.name)
+    new_a, new_b = _pissa_factors(None, config, error, scaling, rank)
+    return new_a.reshape(a.shape).astype(a.dtype), new_b.reshape(b.shape).astype(b.dtype), quantized
+
+
 def _randomized_svd(key: jax.Array, weight: jax.Array, rank: int, niter: int):
     """Rank-``rank`` SVD of the (stacked) matrices ``weight`` by subspace iteration (like ``torch.svd_lowrank``)."""
     basis = jnp.linalg.qr(weight @ jax.random.normal(key, weight.shape[:-2] + (weight.shape[-1], rank)))[0]
@@ -372,14 +466,18 @@ def _randomized_svd(key: jax.Array, weight: jax.Array, rank: int, niter: int):
 
 def finish(key: jax.Array, config: LoraConfig, trace: Trace, leaves: dict, flat_params: dict) -> tuple[dict, dict]:
     """The leaves and base params after the steps that need the kernels' values: PiSSA's SVD (which also replaces
-    the kernel by its residual) and DoRA's magnitude ``||W + scaling * A B||``. Neither input is changed."""
-    if not (config.use_dora or _is_pissa(config)):
+    the kernel by its residual), LoftQ (which replaces the kernel by its quantized part) and DoRA's magnitude
+    ``||W + scaling * A B||``. Neither input is changed."""
+    if not (config.use_dora or _is_pissa(config) or _is_loftq(config)):
         return leaves, flat_params
     leaves, flat_params = dict(leaves), dict(flat_params)
     for i, path in enumerate(sorted({path for path, _ in leaves})):
         follows_parameter = len(path) >= 2 and path[-2] in PARAM_SLOTS
         weight_path = path[:-2] + (path[-1],) if follows_parameter else path + ("kernel",)
         boxed = flat_params[weight_path]
+        if _is_loftq(config) and is_quantized(boxed):
+            raise AdapterError(f"LoftQ quantizes a float base itself, but the kernel of {'.'.join(path) or 'the model'}"
+                               " is already quantized: pass the float model (as HF PEFT requires)")
         kernel = jnp.asarray(nn.meta.unbox(boxed))
         a, b, scaling = (leaves[(path, k)] for k in ("lora_A", "lora_B", "lora_scaling"))
         if follows_parameter:
@@ -398,6 +496,11 @@ def finish(key: jax.Array, config: LoraConfig, trace: Trace, leaves: dict, flat_
             leaves[(path, "lora_A")], leaves[(path, "lora_B")] = a, b
             flat_params[path + ("kernel",)] = (boxed.replace_boxed(kernel) if isinstance(boxed, nn.meta.AxisMetadata)
                                                else kernel)
+        elif _is_loftq(config):
+            a, b, quantized = _loftq(config, a, b, scaling, kernel)
+            leaves[(path, "lora_A")], leaves[(path, "lora_B")] = a, b
+            flat_params[path + ("kernel",)] = quantized  # a box itself: it replaces any partitioning box
+            kernel = dequantize(quantized)
         if config.use_dora:
             magnitude = leaves[(path, MAGNITUDE)]
             weight = kernel.astype(jnp.float32) + delta_weight(a, b, scaling)

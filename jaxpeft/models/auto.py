@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import inspect
 import logging
@@ -27,7 +28,8 @@ import numpy as np
 import transformers
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxpeft.models import hub
+from jaxpeft import quantization
+from jaxpeft.models import bnb, hub
 from jaxpeft.models.family import HEADS, ModelFamily, ModelOutput
 
 logger = logging.getLogger("jaxpeft")
@@ -267,7 +269,7 @@ def assemble_params(
     if ignored:
         logger.info("Ignored tensors of %s not used by %s: %s", source, type(module).__name__, sorted(ignored))
 
-    params = {p: jnp.asarray(loaded[p], dtype=param_dtype) for p in expected if p in loaded}
+    params = {p: _as_param(loaded[p], param_dtype) for p in expected if p in loaded}
     if new_paths:
         logger.warning(
             "Some weights of %s were not initialized from %s and are newly initialized: %s. "
@@ -280,20 +282,63 @@ def assemble_params(
     return {"params": unflatten_dict(params)}
 
 
+def _as_param(value: Any, param_dtype) -> Any:
+    if quantization.is_quantized(value):
+        return jax.device_put(value)
+    return jnp.asarray(value, dtype=param_dtype)
+
+
+def _quantizing(qconfig: quantization.QuantizationConfig | None, param_dtype):
+    """The leaf conversion that quantizes a loaded weight as ``qconfig`` selects it (None: no conversion)."""
+    if qconfig is None:
+        return None
+    if qconfig.compute_dtype is None:
+        qconfig = dataclasses.replace(qconfig, compute_dtype=jnp.dtype(param_dtype).name)
+    quantize_array = jax.jit(quantization.quantize_array, static_argnums=1)
+
+    def convert(path: tuple, value: Any) -> Any:
+        if quantization.is_quantized(value) or not quantization.selects(qconfig, path, np.shape(value)):
+            return value
+        return quantize_array(jnp.asarray(value, dtype=param_dtype), qconfig)
+
+    return convert
+
+
+def _as_quantization_config(value: Any) -> quantization.QuantizationConfig | None:
+    if value is None or isinstance(value, quantization.QuantizationConfig):
+        return value
+    if isinstance(value, str):
+        return quantization.QuantizationConfig(value)
+    if isinstance(value, Mapping):
+        return quantization.QuantizationConfig(**value)
+    raise ValueError(f"quantization_config must be a jaxpeft.QuantizationConfig, a dict of its fields or a quant "
+                     f"type such as 'nf4', got {type(value).__name__}")
+
+
 def load_pretrained(
     head: str,
     name_or_path: str | os.PathLike,
     *,
     dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
+    param_dtype: Any = None,
     scan_layers: bool = False,
     remat_policy: str | None = None,
     revision: str | None = None,
     gguf_file: str | None = None,
     seed: int = 0,
+    quantization_config: Any = None,
     **config_overrides: Any,
 ) -> PretrainedModel:
-    """Loads ``name_or_path`` (folder, hub id, or ``.gguf`` file) with the ``head`` module of its family."""
+    """Loads ``name_or_path`` (folder, hub id, or ``.gguf`` file) with the ``head`` module of its family.
+
+    ``param_dtype`` (default float32) is the dtype of the float parameters. With ``quantization_config`` the
+    selected weights are quantized as they are read, one tensor at a time. A folder saved by transformers with
+    bitsandbytes (4-bit or 8-bit) loads quantized as stored (``jaxpeft.models.bnb``); its 4-bit weights dequantize
+    to its ``bnb_4bit_compute_dtype`` unless ``param_dtype`` is given. ``model.quantization_config`` says how.
+    """
+    qconfig = _as_quantization_config(quantization_config)
+    requested_dtype, param_dtype = param_dtype, jnp.float32 if param_dtype is None else param_dtype
+    bnb_config = None
     path = os.fspath(name_or_path)
     if gguf_file is not None:
         path = os.path.join(_resolve_folder_for_gguf(path, revision), gguf_file)
@@ -302,7 +347,7 @@ def load_pretrained(
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GGUF file {path!r} does not exist; pass the path of a .gguf file.")
-        config, tensors = gguf.read_gguf_checkpoint(path, **config_overrides)
+        config, tensors = gguf.read_gguf_checkpoint(path, keep_quantized=qconfig is not None, **config_overrides)
         family, module = _build_module(config, head, dtype, param_dtype, scan_layers, remat_policy)
     else:
         folder = hub.resolve_checkpoint(path, revision)
@@ -310,11 +355,31 @@ def load_pretrained(
             raise FileNotFoundError(f"No config.json in {folder!r}; pass a folder written by save_pretrained.")
         config = transformers.AutoConfig.from_pretrained(folder, **config_overrides)
         family, module = _build_module(config, head, dtype, param_dtype, scan_layers, remat_policy)
-        tensors = hub.read_checkpoint_tensors(folder)
+        tensors = hub.read_checkpoint_tensors(folder, lazy=True)
+        bnb_config = bnb.checkpoint_quantization(config)
+        if bnb_config is not None:
+            tensors, qconfig = _prequantized(tensors, bnb_config, requested_dtype, qconfig, path), None
     source = path
     config.name_or_path = path  # as given (a hub id stays one): what an adapter's base_model_name_or_path names
-    params = assemble_params(module, family, tensors, config, head, scan_layers, as_dtype(param_dtype), seed, source)
-    return PretrainedModel(module, params, config, family, head)
+    with hub.converting(_quantizing(qconfig, as_dtype(param_dtype))):
+        params = assemble_params(module, family, tensors, config, head, scan_layers, as_dtype(param_dtype), seed,
+                                 source)
+    if qconfig is not None:  # families that do not place tensors through hub: quantized once assembled
+        qconfig = dataclasses.replace(qconfig, compute_dtype=qconfig.compute_dtype or as_dtype(param_dtype).name)
+        params = quantization.quantize(params, qconfig)
+    if bnb_config is not None:
+        qconfig = bnb.loaded_quantization_config(bnb_config, params)
+    return PretrainedModel(module, params, config, family, head, quantization_config=qconfig)
+
+
+def _prequantized(tensors: Mapping, bnb_config: Mapping, requested_dtype: Any, qconfig: Any, path: str) -> Mapping:
+    """The tensors of a bitsandbytes checkpoint with its quantized weights as ``QuantizedArray``."""
+    if qconfig is not None:
+        logger.warning("%s is already quantized with bitsandbytes; quantization_config=%s is ignored", path,
+                       quantization.describe(qconfig))
+    four_bit = bnb.to_quantization_config(bnb_config).compute_dtype
+    requested = None if requested_dtype is None else as_dtype(requested_dtype).name
+    return bnb.BnbTensors(tensors, requested or four_bit or "float32", requested or "float32")
 
 
 def _resolve_folder_for_gguf(path: str, revision: str | None) -> str:
@@ -361,8 +426,10 @@ class PretrainedModel:
         (1, 3, 100)
     """
 
-    def __init__(self, module: nn.Module, params: dict, config: Any, family: ModelFamily, head: str):
+    def __init__(self, module: nn.Module, params: dict, config: Any, family: ModelFamily, head: str,
+                 quantization_config: quantization.QuantizationConfig | None = None):
         self.module = module
+        self.quantization_config = quantization_config
         self.params = params
         self.config = config
         self.family = family
@@ -462,22 +529,43 @@ class PretrainedModel:
         """``PartitionSpec`` tree of logical axis names (embed, mlp, heads, kv, vocab, layers) matching ``params``."""
         return nn.get_partition_spec(self.abstract_variables())
 
+    def _float_linear_modules(self, scan_layers: bool) -> list[str] | None:
+        """Hugging Face names of the modules whose ``kernel`` is not quantized (None when that is unknown)."""
+        flat = flatten_dict(dict(self.params["params"]))
+        shapes = {path: np.shape(leaf) for path, leaf in flat.items()
+                  if path[-1] == "kernel" and not quantization.is_quantized(leaf)}
+        names = _hf_shapes(self.family, self.config, self.head, scan_layers, shapes) if shapes else {}
+        return None if names is None else [name.rpartition(".")[0] for name in names]
+
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Writes ``config.json`` and ``model.safetensors`` that transformers' torch classes load."""
+        """Writes ``config.json`` and ``model.safetensors`` that transformers' torch classes load.
+
+        Quantized weights (nf4/fp4, with or without double quantization, and row-wise int8) are written in the
+        bitsandbytes layout with its ``quantization_config``, which transformers with bitsandbytes loads; any other
+        quantized weight is a one-line ``ValueError`` (save a float model: ``merge_and_unload()`` or
+        ``quantization.dequantize_tree``).
+        """
         from transformers.models.auto import modeling_auto
 
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
         scan_layers = getattr(self.module, "scan_layers", False)
         tensors = self.family.params_to_hf(self.params, self.config, self.head, scan_layers)
-        tensors = {name: np.asarray(jax.device_get(array)) for name, array in tensors.items()}
+        float_linear = self._float_linear_modules(scan_layers) if quantization.has_quantized(self.params) else None
+        tensors, bnb_config = bnb.to_bnb_tensors(jax.device_get(tensors), float_linear)
+        tensors = {name: np.asarray(array) for name, array in tensors.items()}
         config = copy.deepcopy(self.config)
         torch_class = getattr(modeling_auto, _TRANSFORMERS_HEAD_MAPPINGS[self.head]).get(config.model_type)
         if torch_class is not None:
             config.architectures = [torch_class]
-        leaves = jax.tree_util.tree_leaves(self.params)
-        if leaves:
-            config.dtype = str(jnp.dtype(leaves[0].dtype))
+        if bnb_config is not None:
+            config.quantization_config = bnb_config
+        elif hasattr(config, "quantization_config"):  # e.g. a quantized checkpoint's merged float model
+            del config.quantization_config
+        leaves = jax.tree_util.tree_leaves(self.params, is_leaf=quantization.is_quantized)
+        floats = [leaf for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.floating)]
+        if floats:
+            config.dtype = str(jnp.dtype(floats[0].dtype))
         config.save_pretrained(folder)
         hub.write_safetensors(tensors, os.path.join(folder, hub.SAFETENSORS_FILE))
 
@@ -490,7 +578,8 @@ class _AutoHead:
         """Loads a checkpoint folder, a hub id (cache first), or a ``.gguf`` file.
 
         Keyword arguments: ``dtype`` (compute), ``param_dtype``, ``scan_layers``, ``remat_policy``
-        (None, "full", "dots", ...), ``revision``, ``gguf_file``, ``seed`` (for newly initialised heads);
+        (None, "full", "dots", ...), ``revision``, ``gguf_file``, ``seed`` (for newly initialised heads),
+        ``quantization_config`` (a ``jaxpeft.QuantizationConfig``: QLoRA's 4-bit base, quantized while loading);
         anything else overrides the config (``num_labels=3``).
         """
         return load_pretrained(cls.head, name_or_path, **kwargs)

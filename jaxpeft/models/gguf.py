@@ -1,6 +1,8 @@
-"""GGUF (llama.cpp) files: dequantised Llama-family weights and the tokenizer described by the metadata.
+"""GGUF (llama.cpp) files: Llama-family weights and the tokenizer described by the metadata.
 
-``AutoModelForCausalLM.from_pretrained("model.gguf")`` reads the weights through ``read_gguf_checkpoint``;
+``AutoModelForCausalLM.from_pretrained("model.gguf")`` reads the weights through ``read_gguf_checkpoint``, as
+float32, or with a ``quantization_config`` keeping the Q4_0/Q4_1/Q8_0/Q4_K/Q6_K layer weights in their own codes
+and scales (``QuantizedArray``);
 ``load_gguf_tokenizer("model.gguf")`` builds the matching ``transformers.PreTrainedTokenizerFast``.
 
 Example (``path`` is a llama ``.gguf``, e.g. SmolLM2-135M-Instruct):
@@ -19,6 +21,8 @@ import re
 from typing import Any
 
 import numpy as np
+
+from jaxpeft.quantization import QuantizedArray
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 GGUF_MAGIC = b"GGUF"
@@ -78,10 +82,125 @@ def _metadata(reader, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undoes llama.cpp's per-head interleaving of q_proj/k_proj rows (``(out, in)`` torch layout)."""
-    rows, cols = weight.shape
-    return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+def _unpermuted_row_order(rows: int, num_heads: int) -> np.ndarray:
+    """For each Hugging Face row of q_proj/k_proj, the GGUF row it comes from (llama.cpp interleaves the two
+    halves of each head's rows)."""
+    return np.arange(rows).reshape(num_heads, rows // num_heads // 2, 2).swapaxes(1, 2).reshape(rows)
+
+
+def unpermute_rows(weight: np.ndarray | QuantizedArray, num_heads: int) -> np.ndarray | QuantizedArray:
+    """Undoes llama.cpp's per-head interleaving of q_proj/k_proj rows (``(out, in)`` torch layout).
+
+    A ``QuantizedArray`` (stored as its ``(out, in)`` matrix) has whole rows of its codes and block statistics
+    moved; GGUF blocks never cross a row.
+    """
+    if not isinstance(weight, QuantizedArray):
+        return weight[_unpermuted_row_order(weight.shape[0], num_heads)]
+    if weight.stack_shape or weight.perm != (0, 1) or weight.nested_scales is not None:
+        raise ValueError(f"unpermute_rows takes an unstacked (out, in) QuantizedArray, not {weight!r}")
+    order = _unpermuted_row_order(weight.stored_shape[0], num_heads)
+    children = {"codes": weight.codes, "scales": weight.scales, "offsets": weight.offsets}
+    return weight.replace(**{name: _rows_reordered(value, order) for name, value in children.items()
+                             if value is not None})
+
+
+def _rows_reordered(flat: Any, order: np.ndarray) -> np.ndarray:
+    """A flat per-row array (equal parts per row) with its rows taken in ``order``."""
+    return np.asarray(flat).reshape(len(order), -1)[order].reshape(-1)
+
+
+# --- GGUF quantized blocks as QuantizedArray children -------------------------------------------------------------
+# Each decoder takes the blocks of a tensor, ``(rows, blocks per row, bytes per block)`` uint8, and returns
+# ``(quant_type, values per scale, children)``, children shaped ``(rows, ...)`` in each row's element order.
+# Scales that are the file's own float16 values (Q4_0, Q4_1, Q8_0) stay float16, as stored: dequantizing reads
+# them as float32 exactly, and the weight keeps GGUF's size (Q4_1: 6 bits per value, not 7 with float32 scales).
+# The K-quant scales are float32 products (d * sub-block scale) that float16 cannot hold.
+
+
+def _half(raw: np.ndarray) -> np.ndarray:
+    """float16 fields (the last axis, 2 bytes) as float16 values."""
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0]
+
+
+def _bit_fields(packed: np.ndarray, run: int, bits: int) -> np.ndarray:
+    """The ``bits``-wide values of ``packed`` (last axis) in GGUF element order: each run of ``run`` bytes holds
+    ``run`` values in its lowest bits, then ``run`` in the next bits up, and so on."""
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)[:, None]
+    grouped = packed.reshape(packed.shape[:-1] + (-1, 1, run)) >> shifts
+    return (grouped & np.uint8((1 << bits) - 1)).reshape(packed.shape[:-1] + (-1,))
+
+
+def _pack_high_first(nibbles: np.ndarray) -> np.ndarray:
+    """4-bit values two per byte, the first in the high nibble (the ``QuantizedArray`` layout)."""
+    return (nibbles[..., 0::2] << np.uint8(4)) | nibbles[..., 1::2]
+
+
+def _q4_0(blocks: np.ndarray) -> tuple[str, int, dict[str, np.ndarray]]:
+    """Q4_0: f16 d, 32 nibbles; value = d * (q - 8)."""
+    codes = _pack_high_first(_bit_fields(blocks[..., 2:], 16, 4))
+    return "int4", 32, {"codes": codes, "scales": _half(blocks[..., :2])}
+
+
+def _q4_1(blocks: np.ndarray) -> tuple[str, int, dict[str, np.ndarray]]:
+    """Q4_1: f16 d, f16 m, 32 nibbles; value = d * q + m."""
+    codes = _pack_high_first(_bit_fields(blocks[..., 4:], 16, 4))
+    return "uint4", 32, {"codes": codes, "scales": _half(blocks[..., :2]), "offsets": _half(blocks[..., 2:4])}
+
+
+def _q8_0(blocks: np.ndarray) -> tuple[str, int, dict[str, np.ndarray]]:
+    """Q8_0: f16 d, 32 int8; value = d * q."""
+    return "int8", 32, {"codes": blocks[..., 2:].view(np.int8), "scales": _half(blocks[..., :2])}
+
+
+def _q4_k_scales_and_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The eight 6-bit sub-block scales and mins of each Q4_K super-block (12 bytes: the low 6 bits of scales 0-3
+    and mins 0-3 in bytes 0-7, the low 4 bits of scales/mins 4-7 in bytes 8-11, their top 2 bits in the top 2
+    bits of bytes 0-7)."""
+    low_scales, low_mins, high = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    scales = np.concatenate([low_scales & 0x3F, (high & 0x0F) | ((low_scales >> 2) & 0x30)], axis=-1)
+    mins = np.concatenate([low_mins & 0x3F, (high >> 4) | ((low_mins >> 2) & 0x30)], axis=-1)
+    return scales, mins
+
+
+def _q4_k(blocks: np.ndarray) -> tuple[str, int, dict[str, np.ndarray]]:
+    """Q4_K: super-blocks of 256 (f16 d, f16 dmin, 12 bytes of scales/mins, 128 bytes of nibbles) in 8
+    sub-blocks of 32; value = (d * sc) * q - (dmin * m), each product in float32 as llama.cpp computes it."""
+    sub_scales, sub_mins = _q4_k_scales_and_mins(blocks[..., 4:16])
+    scales = _half(blocks[..., 0:2]).astype(np.float32)[..., None] * sub_scales.astype(np.float32)
+    offsets = -(_half(blocks[..., 2:4]).astype(np.float32)[..., None] * sub_mins.astype(np.float32))
+    codes = _pack_high_first(_bit_fields(blocks[..., 16:], 32, 4))
+    return "uint4", 32, {"codes": codes, "scales": scales, "offsets": offsets}
+
+
+def _q6_k(blocks: np.ndarray) -> tuple[str, int, dict[str, np.ndarray]]:
+    """Q6_K: super-blocks of 256 (128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 int8 sub-block
+    scales, f16 d) in 16 sub-blocks of 16; value = (d * sc) * (q - 32)."""
+    low = _bit_fields(blocks[..., :128], 64, 4)
+    high = _bit_fields(blocks[..., 128:192], 32, 2)
+    codes = ((low | (high << np.uint8(4))).astype(np.int16) - 32).astype(np.int8)
+    super_scales = _half(blocks[..., 208:210]).astype(np.float32)[..., None]
+    scales = super_scales * blocks[..., 192:208].view(np.int8).astype(np.float32)
+    return "int8", 16, {"codes": codes, "scales": scales}
+
+
+_BLOCK_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0, "Q4_K": _q4_k, "Q6_K": _q6_k}
+KEPT_QUANTIZED_TYPES = tuple(_BLOCK_DECODERS)
+
+
+def quantized_tensor(tensor) -> QuantizedArray:
+    """A 2-D GGUF tensor of a type in ``KEPT_QUANTIZED_TYPES`` (a ``gguf.ReaderTensor``) as a ``QuantizedArray`` in
+    torch ``(out, in)`` layout, with no copy to float: its dequantized values equal ``gguf.dequantize``'s.
+    """
+    import gguf
+
+    decode = _BLOCK_DECODERS[tensor.tensor_type.name]
+    rows, cols = (int(d) for d in reversed(tensor.shape))
+    type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
+    blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, -1, type_size)
+    quant_type, block_size, children = decode(blocks)
+    return QuantizedArray(**{name: np.ascontiguousarray(value).reshape(-1) for name, value in children.items()},
+                          quant_type=quant_type, block_size=block_size, stored_shape=(rows, cols), perm=(0, 1),
+                          stack_shape=(), dtype_name="float32")
 
 
 def gguf_config(reader, **config_overrides):
@@ -129,34 +248,50 @@ def gguf_config(reader, **config_overrides):
     return transformers.LlamaConfig(**settings)
 
 
-def read_gguf_checkpoint(path: str | os.PathLike, **config_overrides) -> tuple[Any, dict[str, np.ndarray]]:
-    """``(config, tensors)`` of a llama ``.gguf``: float32 tensors under their Hugging Face names.
+def _hf_name(gguf_name: str) -> tuple[str, str | None]:
+    """The Hugging Face name of a GGUF tensor, and its per-layer GGUF name (``attn_q``...; None for globals)."""
+    match = re.match(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$", gguf_name)
+    if match:
+        layer, name, kind = match.groups()
+        return f"model.layers.{layer}.{_LAYER_TENSORS.get(name, name)}.{kind}", name
+    stem, _, kind = gguf_name.rpartition(".")
+    return f"{_GLOBAL_TENSORS.get(stem, stem)}.{kind}", None
+
+
+def _read_tensor(tensor, keep_quantized: bool) -> np.ndarray | QuantizedArray:
+    """One GGUF tensor in torch layout: a ``QuantizedArray`` when ``keep_quantized`` and its type is kept, else
+    float32."""
+    import gguf
+
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    if keep_quantized and len(shape) == 2 and tensor.tensor_type.name in KEPT_QUANTIZED_TYPES:
+        return quantized_tensor(tensor)
+    return np.asarray(gguf.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+
+
+def read_gguf_checkpoint(path: str | os.PathLike, keep_quantized: bool = False,
+                         **config_overrides) -> tuple[Any, dict[str, np.ndarray | QuantizedArray]]:
+    """``(config, tensors)`` of a llama ``.gguf``: its tensors under their Hugging Face names, torch layout.
+
+    Every tensor is float32, except with ``keep_quantized``: the layers' linear weights of a type in
+    ``KEPT_QUANTIZED_TYPES`` (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) are then ``QuantizedArray`` leaves holding the file's
+    own codes and scales, whose dequantized values equal the float ones. Embeddings, norms and the output head
+    stay float.
 
     Example:
         >>> config, tensors = read_gguf_checkpoint("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
         >>> tensors["model.layers.0.self_attn.q_proj.weight"].shape  # doctest: +SKIP
         (576, 576)
     """
-    import gguf
-
     reader = _reader(os.fspath(path))
     config = gguf_config(reader, **config_overrides)
-    layer_pattern = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     tensors = {}
     for tensor in reader.tensors:
-        shape = tuple(int(d) for d in reversed(tensor.shape))
-        array = np.asarray(gguf.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
-        match = layer_pattern.match(tensor.name)
-        if match:
-            layer, name, kind = match.groups()
-            if name == "attn_q":
-                array = unpermute_rows(array, config.num_attention_heads)
-            elif name == "attn_k":
-                array = unpermute_rows(array, config.num_key_value_heads)
-            hf_name = f"model.layers.{layer}.{_LAYER_TENSORS.get(name, name)}.{kind}"
-        else:
-            stem, _, kind = tensor.name.rpartition(".")
-            hf_name = f"{_GLOBAL_TENSORS.get(stem, stem)}.{kind}"
+        hf_name, layer_tensor = _hf_name(tensor.name)
+        array = _read_tensor(tensor, keep_quantized and layer_tensor is not None)
+        if layer_tensor in heads:
+            array = unpermute_rows(array, heads[layer_tensor])
         tensors[hf_name] = array
     return config, tensors
 

@@ -10,16 +10,22 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import os
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
+import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+
+from jaxpeft import quantization
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
@@ -110,42 +116,70 @@ def safetensors_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of one ``.safetensors`` file as numpy arrays (bfloat16 as ``ml_dtypes.bfloat16``).
+class LazyTensors(Mapping):
+    """The tensors of safetensors files, each read from disk when it is looked up (so a loader that converts
+    tensor by tensor, e.g. quantizing them, never holds the whole float checkpoint)."""
 
-    A truncated file, or one that is not safetensors, is a one-line ``ValueError`` naming the file.
-    """
+    def __init__(self, files: Mapping[str, str]):
+        self._files = dict(files)  # tensor name -> file
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        path = self._files[name]
+        try:
+            with safe_open(path, framework="np") as file:
+                return file.get_tensor(name)
+        except SafetensorError as error:
+            raise ValueError(f"{path}: not a readable safetensors file ({str(error).strip()}).") from None
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def _tensor_names(path: str) -> list[str]:
     problem = safetensors_problem(path)
     if problem is not None:
         raise ValueError(f"{path}: {problem}.")
     try:
         with safe_open(path, framework="np") as file:
-            return {name: file.get_tensor(name) for name in file.keys()}
+            return list(file.keys())
     except SafetensorError as error:
         raise ValueError(f"{path}: not a readable safetensors file ({str(error).strip()}).") from None
 
 
-def read_checkpoint_tensors(folder: str) -> dict[str, np.ndarray]:
-    """Every tensor of the checkpoint in ``folder``: ``model.safetensors`` or the shards of its index."""
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of one ``.safetensors`` file as numpy arrays (bfloat16 as ``ml_dtypes.bfloat16``).
+
+    A truncated file, or one that is not safetensors, is a one-line ``ValueError`` naming the file.
+    """
+    return dict(LazyTensors({name: path for name in _tensor_names(path)}))
+
+
+def read_checkpoint_tensors(folder: str, lazy: bool = False) -> Mapping[str, np.ndarray]:
+    """Every tensor of the checkpoint in ``folder``: ``model.safetensors`` or the shards of its index; with
+    ``lazy`` a ``LazyTensors`` mapping that reads each tensor when it is looked up."""
     index_path = os.path.join(folder, SAFETENSORS_INDEX_FILE)
     single_path = os.path.join(folder, SAFETENSORS_FILE)
     if os.path.exists(index_path):
         with open(index_path) as file:
             shard_names = sorted(set(json.load(file)["weight_map"].values()))
-        tensors = {}
-        for shard_name in shard_names:
-            tensors.update(read_safetensors(os.path.join(folder, shard_name)))
-        return tensors
-    if os.path.exists(single_path):
-        return read_safetensors(single_path)
-    others = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")))
-    hint = f" (found {others}; re-save it with transformers' save_pretrained())" if others else ""
-    raise FileNotFoundError(f"No {SAFETENSORS_FILE} or {SAFETENSORS_INDEX_FILE} in {folder!r}{hint}.")
+        paths = [os.path.join(folder, shard_name) for shard_name in shard_names]
+    elif os.path.exists(single_path):
+        paths = [single_path]
+    else:
+        others = sorted(f for f in os.listdir(folder)
+                        if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")))
+        hint = f" (found {others}; re-save it with transformers' save_pretrained())" if others else ""
+        raise FileNotFoundError(f"No {SAFETENSORS_FILE} or {SAFETENSORS_INDEX_FILE} in {folder!r}{hint}.")
+    tensors = LazyTensors({name: path for path in paths for name in _tensor_names(path)})
+    return tensors if lazy else dict(tensors)
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
     """Writes ``tensors`` with the ``{"format": "pt"}`` metadata that transformers' torch loader expects."""
-    arrays = {name: np.ascontiguousarray(np.asarray(array)) for name, array in tensors.items()}
+    arrays = {name: np.require(np.asarray(array), requirements="C") for name, array in tensors.items()}  # 0-d kept
     save_file(arrays, path, metadata={"format": "pt"})
 
 
@@ -189,7 +223,33 @@ def _leaf_from_hf(name_map: NameMap, module_path: tuple[str, ...], tensor_name: 
     leaf = _LEAF_NAMES[kind].get(tensor_name)
     if leaf is None:
         return None
-    return leaf, (array.T if kind == "dense" and leaf == "kernel" else array)
+    return leaf, (array.T if _transposed(kind, leaf, array) else array)
+
+
+def _transposed(kind: str, leaf: str, array: Any) -> bool:
+    """Whether a kernel's Hugging Face tensor is its transpose: a Linear weight, and a quantized Conv1D weight
+    (bitsandbytes stores Conv1D weights as the equivalent Linear's ``(out, in)``)."""
+    return leaf == "kernel" and (kind == "dense" or (kind == "conv1d" and quantization.is_quantized(array)))
+
+
+_CONVERT: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("jaxpeft_convert_leaf", default=None)
+
+
+@contextlib.contextmanager
+def converting(convert: Callable[[tuple, Any], Any] | None):
+    """Within the block, ``hf_tensors_to_params`` passes each leaf through ``convert(param_path, value)`` as it
+    places it (the loader quantizes this way, one tensor at a time)."""
+    token = _CONVERT.set(convert)
+    try:
+        yield
+    finally:
+        _CONVERT.reset(token)
+
+
+def _stack(values: list) -> Any:
+    if isinstance(values[0], quantization.QuantizedArray):
+        return quantization.stack(values)
+    return np.stack(values)
 
 
 def hf_tensors_to_params(
@@ -198,8 +258,10 @@ def hf_tensors_to_params(
     """``(variables, unused_names)`` from Hugging Face ``tensors``, for ``ModelFamily.params_from_hf``.
 
     Base-model tensors are accepted with or without ``base_prefix``; scanned layers are stacked on a new axis 0
-    (a leaf present in only some layers is left out, and so reported missing by the loader).
+    (a leaf present in only some layers is left out, and so reported missing by the loader). Inside
+    ``converting(convert)`` each leaf is converted as it is placed.
     """
+    convert = _CONVERT.get() or (lambda path, value: value)
     head_modules = set(name_map.head_modules.get(head, ()))
     any_head_modules = {m for modules in name_map.head_modules.values() for m in modules}
     base_root = () if head == "base" else (name_map.base_prefix,)
@@ -230,11 +292,13 @@ def hf_tensors_to_params(
             continue
         module_path, (leaf_name, value) = tuple(parts[:-1]), leaf
         if layer is None:
-            flat[root + module_path + (leaf_name,)] = value
+            flat[root + module_path + (leaf_name,)] = convert(root + module_path + (leaf_name,), value)
         elif scan_layers:
-            stacked.setdefault(root + (name_map.layers_name,) + module_path + (leaf_name,), {})[layer] = value
+            path = root + (name_map.layers_name,) + module_path + (leaf_name,)
+            stacked.setdefault(path, {})[layer] = convert(path, value)
         else:
-            flat[root + (name_map.layers_name, str(layer)) + module_path + (leaf_name,)] = value
+            path = root + (name_map.layers_name, str(layer)) + module_path + (leaf_name,)
+            flat[path] = convert(path, value)
     for path, by_layer in stacked.items():
         shapes = {i: tuple(array.shape) for i, array in by_layer.items()}
         if len(set(shapes.values())) > 1:
@@ -242,23 +306,31 @@ def hf_tensors_to_params(
             odd = sorted(f"layer {i}: {shape}" for i, shape in shapes.items() if shape != common)
             raise ValueError(f"mis-shaped layer tensors for {'/'.join(path)}: {odd}, the other layers have {common}.")
         if len(by_layer) == name_map.num_layers:
-            flat[path] = np.stack([by_layer[i] for i in range(name_map.num_layers)])
+            flat[path] = _stack([by_layer[i] for i in range(name_map.num_layers)])
     return {"params": unflatten_dict(flat)}, unused
 
 
+def _layer_of(value: Any, index: int) -> Any:
+    """Layer ``index`` of a scanned stack (a ``QuantizedArray`` stays quantized)."""
+    if quantization.is_quantized(value):
+        return jax.tree.map(lambda x: x[index], value).replace(stack_shape=value.stack_shape[1:])
+    return value[index]
+
+
 def params_to_hf_tensors(variables: Mapping, name_map: NameMap, head: str, scan_layers: bool) -> dict[str, np.ndarray]:
-    """The Hugging Face tensors of ``variables``, named as ``head``'s transformers class names them."""
+    """The Hugging Face tensors of ``variables``, named as ``head``'s transformers class names them; a quantized
+    kernel stays a ``QuantizedArray`` (in the torch layout)."""
     tensors = {}
     for path, value in flatten_dict(dict(variables["params"])).items():
         path = tuple(str(p) for p in path)
-        value = np.asarray(value)
+        value = value if quantization.is_quantized(value) else np.asarray(value)
         prefix, relative = "", path
         if head != "base" and path[0] == name_map.base_prefix:
             prefix, relative = name_map.base_prefix + ".", path[1:]
         layer_values: list[tuple[str, np.ndarray]]
         if relative[0] == name_map.layers_name and scan_layers:
             rest = relative[1:]
-            layer_values = [(f"{name_map.layers_name}.{i}.", value[i]) for i in range(value.shape[0])]
+            layer_values = [(f"{name_map.layers_name}.{i}.", _layer_of(value, i)) for i in range(value.shape[0])]
         elif relative[0] == name_map.layers_name:
             rest = relative[2:]
             layer_values = [(f"{name_map.layers_name}.{relative[1]}.", value)]
@@ -269,7 +341,7 @@ def params_to_hf_tensors(variables: Mapping, name_map: NameMap, head: str, scan_
         kind = name_map.module_kind(module_path[-1])
         tensor_name = leaf if kind == "raw" else {v: k for k, v in _LEAF_NAMES[kind].items()}[leaf]
         for layer_prefix, array in layer_values:
-            if kind == "dense" and leaf == "kernel":
-                array = array.T
-            tensors[prefix + layer_prefix + ".".join(module_path) + "." + tensor_name] = np.ascontiguousarray(array)
+            array = array.T if _transposed(kind, leaf, array) else array
+            name = prefix + layer_prefix + ".".join(module_path) + "." + tensor_name
+            tensors[name] = array if quantization.is_quantized(array) else np.ascontiguousarray(array)
     return tensors
