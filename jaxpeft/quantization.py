@@ -276,8 +276,9 @@ class QuantizedArray(flax.struct.PyTreeNode, nn.meta.AxisMetadata):
             return pinned[1]
         return checkpoint_name(dequantize(self), DEQUANTIZED)
 
-    def replace_boxed(self, val: Any) -> Any:
-        return val
+    def replace_boxed(self, val: Any) -> QuantizedArray:
+        """``val`` quantized like this weight (a changed base weight, e.g. PiSSA's residual, stays quantized)."""
+        return val if is_quantized(val) else requantize_like(jnp.asarray(val), self)
 
     def add_axis(self, index: int, params: dict[Any, Any]) -> QuantizedArray:
         if index > len(self.stack_shape):
@@ -494,9 +495,9 @@ def requantize_like(weight: jax.Array, like: QuantizedArray) -> QuantizedArray:
         raise ValueError(f"{like.quant_type} weights (read from a GGUF file) cannot be re-quantized; merge into a "
                          "float model instead (requantize=False)")
     n_in = like.perm.index(0)
-    qconfig = QuantizationConfig(like.quant_type, like.block_size if like.quant_type in ("nf4", "fp4") else
-                                 (like.block_size if like.block_size in BLOCK_SIZES else None),
-                                 double_quant=like.nested_scales is not None, compute_dtype=like.dtype_name)
+    block_size = like.block_size if like.block_size in BLOCK_SIZES else None  # else one block per output row
+    qconfig = QuantizationConfig(like.quant_type, block_size, double_quant=like.nested_scales is not None,
+                                 compute_dtype=like.dtype_name)
     return quantize_array(weight, qconfig, stack_axes=len(like.stack_shape), in_axes=n_in)
 
 

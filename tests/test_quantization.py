@@ -320,3 +320,29 @@ def test_cli_trains_on_a_4bit_base_and_evaluates_with_it(saved_llama, tmp_path):
     assert recorded["quantization"]["quant_type"] == "nf4" and recorded["quantization"]["double_quant"] is True
     assert cli.main(["train", "--model", saved_llama, "--task", "causal_lm", "--method", "lora", "--train-file",
                      str(train_file), "--output-dir", str(tmp_path / "bad"), "--double-quant"]) == 2
+
+
+def test_merging_into_a_plain_integer_kernel_is_refused_not_rounded():
+    import flax.linen as nn
+
+    model = nn.Dense(8)
+    variables = model.init(jax.random.key(0), jnp.ones((1, 16)))
+    variables = {"params": {"kernel": (variables["params"]["kernel"] * 10).astype(jnp.int8),
+                            "bias": variables["params"]["bias"]}}
+    config = jaxpeft.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
+    adapted_variables = jaxpeft.init_adapters(jax.random.key(1), config, model.apply, variables, jnp.ones((1, 16)))
+    with pytest.raises(jaxpeft.AdapterError, match="kernel holds integers: merging would round the adapter away"):
+        jaxpeft.merge(adapted_variables, config)
+
+
+def test_pissa_on_a_quantized_base_keeps_the_residual_quantized(llama):
+    quantized = jaxpeft.quantize(llama.params, jaxpeft.QuantizationConfig("nf4"))
+    config = jaxpeft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa")
+    variables = jaxpeft.init_adapters(jax.random.key(1), config, llama.module.apply, quantized, TOKENS)
+    layer = variables["params"]["model"]["layers"]["0"]["self_attn"]["q_proj"]
+    original = quantized["params"]["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+    assert quantization.is_quantized(layer["kernel"])
+    principal = (layer["lora_A"]["default"] @ layer["lora_B"]["default"]) * layer["lora_scaling"]["default"]
+    residual = np.asarray(original.dequantize()) - np.asarray(principal)
+    requantized = quantization.quantize_array(residual, jaxpeft.QuantizationConfig("nf4"))
+    np.testing.assert_array_equal(np.asarray(layer["kernel"].dequantize()), np.asarray(requantized.dequantize()))
