@@ -13,6 +13,11 @@ linen *mirror* of the module (a ``nn.Dense`` for an ``nnx.Linear``, ..., a plain
 the module's path, whose call rebuilds the NNX module from the values in its linen scope and runs it. jaxpeft's
 interceptors see that mirror exactly as they see a linen layer: stock layers take the stock path, any other
 module is traced to a jaxpr and its own parameters followed through their contractions.
+
+Quantized weights (QLoRA) take the same road: ``jaxpeft.nnx.quantize`` keeps a ``QuantizedArray`` as the value of
+the weight's ``nnx.Param`` and wraps each module that holds one in an ``AdaptedModule`` (with no adapter yet), so
+the module always runs through its linen mirror, which reads its own quantized parameters dequantized, as a linen
+layer reads them.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
-from jaxpeft import _contractions, _tracing, core
+from jaxpeft import _contractions, _tracing, core, quantization
 from jaxpeft._tracing import OUTPUT_HEAD_NAMES, PARAM_SLOTS, Layer, Trace
 from jaxpeft.core import AdapterError
 from jaxpeft.tree import ADAPTER_KEYS, flatten
@@ -119,7 +124,7 @@ def layer_apply(module: nnx.Module, path: Path) -> Callable:
         if MODULE_RNGS in kwargs:  # the module's own ``rngs`` argument, kept apart from linen's
             kwargs["rngs"] = kwargs.pop(MODULE_RNGS)
         tracing = _contractions.TRACING.get()
-        fresh, state = rebuild(module, params, detach_state=tracing)
+        fresh, state = rebuild(module, dequantized_own(module, params), detach_state=tracing)
         out = fresh(*args, **kwargs)
         if tracing and _ADAPTING.get() and any(var.get_value() is not value for var, value in state):
             raise AdapterError(f"module {'.'.join(path) or '(the model)'} ({type(module).__name__}) changes NNX state "
@@ -179,8 +184,17 @@ def param_variables(root: nnx.Module) -> dict[Path, tuple[tuple, nnx.Variable]]:
 
 def params_tree(root: nnx.Module) -> dict:
     """``variables["params"]`` of ``root``: the values of its parameters and adapter leaves, by linen path."""
-    return flax.traverse_util.unflatten_dict({path: var.get_value()
+    return flax.traverse_util.unflatten_dict({path: fitted(var.get_value())
                                               for path, (_, var) in param_variables(root).items()})
+
+
+def fitted(value: Any) -> Any:
+    """``value``; a quantized one with its stacking axes read from its arrays (a slice that ``nnx.scan`` or
+    ``nnx.vmap`` takes of a stacked ``QuantizedArray`` keeps the static shape of the whole stack)."""
+    if not quantization.is_quantized(value):
+        return value
+    stack = tuple(value.codes.shape[:-1])
+    return value if stack == value.stack_shape else value.replace(stack_shape=stack)
 
 
 def rebuild(module: nnx.Module, params: Mapping, detach_state: bool = False) -> tuple[nnx.Module, list]:
@@ -253,6 +267,48 @@ def callable_modules(root: nnx.Module, wrapped: bool = True) -> list[tuple[Path,
     return sorted(found, key=lambda item: -len(item[0]))
 
 
+# ----------------------------------------------------------------------------------------- quantized weights
+
+
+def owner(path: Path, module_paths: list[Path]) -> Path | None:
+    """The module that holds the parameter at ``path``: the deepest of ``module_paths`` (deepest first, as
+    ``callable_modules`` lists them) above it; None if none is."""
+    return next((module for module in module_paths if len(module) < len(path) and path[:len(module)] == module), None)
+
+
+def quantized_owners(root: nnx.Module) -> set[Path]:
+    """The linen paths of the modules under ``root`` that hold a ``QuantizedArray`` themselves (not through a
+    module inside them)."""
+    modules = [path for path, _ in callable_modules(root)]
+    found = set()
+    for path, (_, variable) in param_variables(root).items():
+        if quantization.is_quantized(variable.get_value()):
+            module = owner(path, modules)
+            if module is None:
+                raise ValueError(f"the quantized weight {'.'.join(path)} belongs to no module with a __call__, so "
+                                 "nothing reads it dequantized; quantize the weights of callable modules only")
+            found.add(module)
+    return found
+
+
+def dequantized_own(module: nnx.Module, params: Mapping) -> Mapping:
+    """``params`` (the linen scope of ``module``'s mirror) with ``module``'s own quantized parameters read as a
+    linen layer reads them (``quantization.pin``: dequantized, the very array a traced call was shown); those of
+    the modules inside it stay quantized, for their own wrappers to read when they run."""
+    flat = flatten(params)
+    if not any(quantization.is_quantized(value) for value in flat.values()):
+        return params
+    inner = [path for path, _ in callable_modules(module) if path]
+    return flax.traverse_util.unflatten_dict({
+        path: quantization.pin(value) if quantization.is_quantized(value) and owner(path, inner) is None else value
+        for path, value in flat.items()})
+
+
+def holds_quantized(module: nnx.Module) -> bool:
+    """Whether a ``QuantizedArray`` is among ``module``'s parameters (its own or its modules')."""
+    return any(quantization.is_quantized(variable.get_value()) for _, variable in param_variables(module).values())
+
+
 # ----------------------------------------------------------------------------------------- the wrapper
 
 # What adapted modules run in the current call: an adapter name, an AdapterMix, or None (the base model), and the
@@ -283,7 +339,8 @@ class AdaptedModule(nnx.Module):
     """A module with adapters: the original module as ``base_layer``, each adapter leaf an NNX variable beside
     it (``lora_A["default"]`` is an ``nnx.LoRAParam``; constants such as ``lora_scaling`` are
     ``AdapterConstant``). Calling it calls the module with the active adapter's change; other attributes are the
-    module's own.
+    module's own. A module holding quantized weights (``jaxpeft.nnx.quantize``) is wrapped even without an
+    adapter: its calls then run through its linen mirror, which reads those weights dequantized.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxpeft
@@ -331,6 +388,13 @@ class AdaptedModule(nnx.Module):
                                                  is_leaf=lambda v: isinstance(v, nnx.Variable))
         return {"params": _nested(self.layer_path, params)}
 
+    def _base(self, args: tuple, module_kwargs: dict, kwargs: dict) -> Any:
+        """The module's own call, without adapters: through its linen mirror where it holds quantized weights
+        (read dequantized there), else the NNX call itself."""
+        if not holds_quantized(self.base_layer):
+            return self.base_layer(*args, **module_kwargs)
+        return layer_apply(self.base_layer, self.layer_path)(self._variables(), *args, **kwargs)
+
     def __call__(self, *args, **kwargs):
         apply_fn = layer_apply(self.base_layer, self.layer_path)
         module_kwargs = dict(kwargs)
@@ -347,10 +411,10 @@ class AdaptedModule(nnx.Module):
         if isinstance(selection, core.AdapterMix):
             names = tuple(name if name in present else core.BASE for name in selection.names)
             if set(names) == {core.BASE}:
-                return self.base_layer(*args, **module_kwargs)
+                return self._base(args, module_kwargs, kwargs)
             selection = core.AdapterMix(selection.index, names)
         elif selection is None or selection not in present:
-            return self.base_layer(*args, **module_kwargs)
+            return self._base(args, module_kwargs, kwargs)
         rewritten = core.rewrite(apply_fn, {name: configs[name] for name in present if name in configs})
         if dropout_key is not None:  # each module call its own masks
             calls[0] += 1
@@ -374,6 +438,34 @@ def route_all(model: nnx.Module) -> nnx.Module:
         if path:
             set_child(find(routed, path[:-1]), path[-1], AdaptedModule(node, path, Static({}), ROUTE))
     return routed
+
+
+def wrap_quantized(model: nnx.Module) -> nnx.Module:
+    """``model`` (changed in place) with each module that holds a quantized weight itself in an ``AdaptedModule``
+    without adapters, so that it runs through its linen mirror; returns the model (a wrapper, if the model itself
+    holds one).
+
+    Example:
+        >>> import jaxpeft
+        >>> from flax import nnx
+        >>> from jaxpeft import quantization
+        >>> from jaxpeft.nnx._graph import wrap_quantized
+        >>> model = nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+        >>> model.layers[0].kernel.set_value(quantization.quantize_array(model.layers[0].kernel[...],
+        ...                                                               jaxpeft.QuantizationConfig("int8")))
+        >>> [type(layer).__name__ for layer in wrap_quantized(model).layers]
+        ['AdaptedModule', 'Linear']
+    """
+    for path in sorted(quantized_owners(model), key=len, reverse=True):
+        node = find(model, path)
+        if isinstance(node, AdaptedModule):
+            continue
+        wrapper = AdaptedModule(node, path, Static({}), ADAPT)
+        if path:
+            set_child(find(model, path[:-1]), path[-1], wrapper)
+        else:
+            model = wrapper
+    return model
 
 
 def _stock_kernel(module: nnx.Module) -> tuple[str, tuple[int, ...]] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import types
 from collections.abc import Iterator, Mapping, Sequence
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxpeft import core, hf_format, sharding
+from jaxpeft import core, hf_format, quantization, sharding
 from jaxpeft._tracing import PARAM_SLOTS
 from jaxpeft.config import PeftConfig
 from jaxpeft.nnx._graph import (
@@ -30,8 +31,10 @@ from jaxpeft.nnx._graph import (
     set_child,
     unseen_modules,
     view,
+    wrap_quantized,
 )
-from jaxpeft.tree import ADAPTER_KEYS, ParameterCount, flatten, strip_adapters
+from jaxpeft.quantization import QuantizationConfig
+from jaxpeft.tree import ADAPTER_KEYS, ParameterCount, flatten, shape_of, strip_adapters
 
 DEFAULT = "default"
 
@@ -108,8 +111,9 @@ def _retyped(variable: nnx.Variable, kind: type, value: Any) -> nnx.Variable:
 
 
 def _plain(model: nnx.Module, params: Mapping, trained_base: frozenset) -> nnx.Module:
-    """A copy of ``model`` without wrappers, its parameters set from ``params`` (a linen-style tree); the base
-    parameters that trained as ``nnx.LoRAParam`` (``trained_base``, by path) are ``nnx.Param`` again."""
+    """A copy of ``model`` without adapter wrappers, its parameters set from ``params`` (a linen-style tree); the
+    base parameters that trained as ``nnx.LoRAParam`` (``trained_base``, by path) are ``nnx.Param`` again, and the
+    modules that hold quantized weights are wrapped to run (``wrap_quantized``)."""
     plain = independent_copy(model)
     for wrapper in sorted(_wrappers(plain), key=lambda w: -len(w.layer_path)):
         if wrapper.layer_path:
@@ -123,7 +127,7 @@ def _plain(model: nnx.Module, params: Mapping, trained_base: frozenset) -> nnx.M
             _replace_variable(plain, nnx_path, _retyped(variable, nnx.Param, value))
         else:
             variable.set_value(value)
-    return plain
+    return wrap_quantized(plain)
 
 
 class PeftModel(nnx.Module):
@@ -270,12 +274,14 @@ class PeftModel(nnx.Module):
             raise core.AdapterError(f"no adapter named {name!r} (adapters: {sorted(self.peft_configs.value)})")
         return name
 
-    def merge_and_unload(self, adapter_name: str | None = None) -> nnx.Module:
+    def merge_and_unload(self, adapter_name: str | None = None, requantize: bool = False) -> nnx.Module:
         """The model (its own classes, no adapter variables) with the adapter folded into its weights; this
-        ``PeftModel`` is not changed."""
+        ``PeftModel`` is not changed. On a quantized base (``jaxpeft.nnx.quantize``) the result is a float model
+        (every weight dequantized); with ``requantize`` the merged weights are quantized again as they were (the
+        error that adds is logged) and the others stay quantized, as ``jaxpeft.merge`` does."""
         name = self._name(adapter_name)
         _, variables = self._view()
-        merged = core.merge(variables, self.peft_configs.value[name], name)
+        merged = core.merge(variables, self.peft_configs.value[name], name, requantize=requantize)
         return _plain(self.base_model, merged["params"], self.trained_base)
 
     def unload(self) -> nnx.Module:
@@ -286,8 +292,9 @@ class PeftModel(nnx.Module):
     def trainable_parameters(self) -> ParameterCount:
         """Trainable (``nnx.LoRAParam``) and total parameter counts, as HF PEFT's
         ``print_trainable_parameters`` reports them."""
-        def size(state):
-            return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(state))
+        def size(state):  # a quantized weight counts as the weight it holds, as jaxpeft.count_parameters counts it
+            leaves = jax.tree_util.tree_leaves(state, is_leaf=quantization.is_quantized)
+            return sum(math.prod(shape_of(leaf)) for leaf in leaves)
         return ParameterCount(size(nnx.state(self, nnx.LoRAParam)), size(nnx.state(self, nnx.Param)))
 
     def print_trainable_parameters(self) -> None:
@@ -444,3 +451,68 @@ def get_peft_model(model: nnx.Module, config: PeftConfig, *example_args, adapter
                      seed=key if isinstance(key, int) else 0)
     peft.add_adapter(adapter_name, config, key=key)
     return peft
+
+
+_quantize_weight = jax.jit(quantization.quantize_array, static_argnums=1)
+
+
+def _quantize_selected(model: nnx.Module, qconfig: QuantizationConfig,
+                       target_modules: Sequence[str] | str | None) -> tuple[int, list[str]]:
+    """Sets each selected float weight of ``model`` (changed in place) to its ``QuantizedArray``; returns how many
+    weights are selected (those quantized already included) and the paths of every weight of two or more axes."""
+    selected, weights = 0, []
+    for path, (_, variable) in param_variables(model).items():
+        value = variable.get_value()
+        if not isinstance(variable, nnx.Param) or isinstance(variable, nnx.LoRAParam) or len(shape_of(value)) < 2:
+            continue
+        weights.append(".".join(path))
+        is_float = quantization.is_quantized(value) or jnp.issubdtype(jnp.result_type(value), jnp.floating)
+        if is_float and quantization.selects(qconfig, path, shape_of(value), target_modules):
+            selected += 1
+            if not quantization.is_quantized(value):
+                variable.set_value(_quantize_weight(value, qconfig))
+    return selected, weights
+
+
+def quantize(model: nnx.Module, qconfig: QuantizationConfig,
+             target_modules: Sequence[str] | str | None = None) -> nnx.Module:
+    """A copy of ``model`` whose selected weights are ``QuantizedArray`` values of their ``nnx.Param`` (QLoRA's
+    frozen base); ``model`` itself is not changed (the other arrays are shared).
+
+    The selection is ``jaxpeft.quantize``'s, by NNX graph path: by default the ``kernel`` of every linear layer
+    (``nnx.Linear``, ``LinearGeneral``, ``Einsum``) outside ``qconfig.skip_modules`` (the heads ``lm_head``,
+    ``score``, ``classifier``, ``qa_outputs``); embeddings, norms and biases stay float. With ``target_modules``
+    (names or a regular expression over the dotted module path) every float parameter of two or more axes of
+    those modules is quantized: raw einsum weights, ``(experts, d, f)`` expert tensors. Each module that holds a
+    quantized weight becomes an ``AdaptedModule`` without adapters, whose calls read its weights dequantized (in
+    the jitted computation, as a linen layer reads a ``QuantizedArray``). Weights quantized already are kept as
+    they are, so quantizing twice gives the same model. ``get_peft_model`` then adapts it; ``merge_and_unload()``
+    returns a float model, ``merge_and_unload(requantize=True)`` a quantized one.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxpeft
+        >>> from flax import nnx
+        >>> from jaxpeft import nnx as peft_nnx
+        >>> model = nnx.Sequential(nnx.Linear(64, 32, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(32, 2, rngs=nnx.Rngs(1)))
+        >>> quantized = peft_nnx.quantize(model, jaxpeft.QuantizationConfig("nf4"))
+        >>> quantized.layers[0].kernel.get_value()
+        QuantizedArray(nf4, shape=(64, 32), dtype=float32)
+        >>> x = jnp.ones((3, 64))
+        >>> float(jnp.abs(quantized(x) - model(x)).max()) < 0.2  # the nf4 rounding
+        True
+        >>> peft = peft_nnx.get_peft_model(quantized, jaxpeft.LoraConfig(r=2, target_modules=["layers.0"]))
+        >>> type(peft.merge_and_unload().layers[0]).__name__
+        'Linear'
+    """
+    if not isinstance(qconfig, QuantizationConfig):
+        raise TypeError(f"quantize takes a jaxpeft.QuantizationConfig, not {type(qconfig).__name__}")
+    quantized = independent_copy(model)
+    selected, weights = _quantize_selected(quantized, qconfig, target_modules)
+    if not selected:
+        chosen = (f"target_modules={target_modules!r}" if target_modules is not None
+                  else "by default the kernels of linear layers")
+        shown = ", ".join(weights[:12]) + (f", ... ({len(weights)} in all)" if len(weights) > 12 else "")
+        raise ValueError(f"quantize selected no weight of {type(model).__name__} ({chosen}, outside skip_modules "
+                         f"{list(qconfig.skip_modules or quantization.DEFAULT_SKIP_MODULES)}); its weights of two or "
+                         f"more axes: {shown or 'none'}")
+    return wrap_quantized(quantized)
