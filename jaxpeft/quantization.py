@@ -425,6 +425,10 @@ def quantize_array(weight: Any, qconfig: QuantizationConfig, *, stack_axes: int 
                           perm=perm, stack_shape=tuple(weight.shape[:n_stack]), dtype_name=jnp.dtype(dtype).name)
 
 
+# ``quantize_array`` jitted once for every caller (one compile per weight shape and config).
+quantize_array_jit = jax.jit(quantize_array, static_argnums=1)
+
+
 def _is_skipped(path: tuple[str, ...], skip: Sequence[str]) -> bool:
     dotted = ".".join(path)
     return any(name in path or re.fullmatch(name, dotted) for name in skip)
@@ -473,7 +477,7 @@ def quantize(variables: Any, qconfig: QuantizationConfig, target_modules: Sequen
         value = nn.meta.unbox(leaf) if not is_quantized(leaf) else leaf
         if (not is_quantized(value) and jnp.issubdtype(jnp.result_type(value), jnp.floating)
                 and selects(qconfig, path, np.shape(value), target_modules)):
-            value = jax.jit(quantize_array, static_argnums=1)(value, qconfig)
+            value = quantize_array_jit(value, qconfig)
         out[path] = value
     return {**variables, "params": traverse_util.unflatten_dict(out)}
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tokenizers
 import transformers
 from third_party_models import Transformer
 
@@ -301,16 +302,14 @@ def test_trainer_resumes_a_qlora_run_exactly(llama, saved_llama, tmp_path):
 def test_cli_trains_on_a_4bit_base_and_evaluates_with_it(saved_llama, tmp_path):
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps({"text": "a b c d e f g h"}) + "\n" for _ in range(8)))
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=__import__("tokenizers").Tokenizer(__import__("tokenizers").models.WordLevel(
-            {chr(97 + i): i for i in range(26)} | {"[UNK]": 26}, unk_token="[UNK]")))
-    tokenizer.pre_tokenizer = None
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({chr(97 + i): i for i in range(26)} | {"[UNK]": 26},
+                                                             unk_token="[UNK]"))
+    words.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer_folder = tmp_path / "tokenizer"
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words).save_pretrained(tokenizer_folder)
     run = tmp_path / "run"
     from jaxpeft import cli
 
-    tokenizer_folder = tmp_path / "tokenizer"
-    tokenizer.backend_tokenizer.pre_tokenizer = __import__("tokenizers").pre_tokenizers.Whitespace()
-    tokenizer.save_pretrained(tokenizer_folder)
     code = cli.main(["train", "--model", saved_llama, "--tokenizer", str(tokenizer_folder), "--task", "causal_lm",
                      "--method", "lora", "--r", "4", "--target-modules", "q_proj,v_proj", "--train-file",
                      str(train_file), "--output-dir", str(run), "--max-steps", "2", "--quantize", "nf4",

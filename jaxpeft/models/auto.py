@@ -294,14 +294,12 @@ def _quantizing(qconfig: quantization.QuantizationConfig | None, param_dtype):
         return None
     if qconfig.compute_dtype is None:
         qconfig = dataclasses.replace(qconfig, compute_dtype=jnp.dtype(param_dtype).name)
-    quantize_array = jax.jit(quantization.quantize_array, static_argnums=1)
-
     def convert(path: tuple, value: Any) -> Any:
         if quantization.is_quantized(value):  # kept in a file's own format (GGUF): dequantized to the compute dtype
             return value.replace(dtype_name=qconfig.compute_dtype)
         if not quantization.selects(qconfig, path, np.shape(value)):
             return value
-        return quantize_array(jnp.asarray(value, dtype=param_dtype), qconfig)
+        return quantization.quantize_array_jit(jnp.asarray(value, dtype=param_dtype), qconfig)
 
     return convert
 

@@ -453,7 +453,6 @@ def get_peft_model(model: nnx.Module, config: PeftConfig, *example_args, adapter
     return peft
 
 
-_quantize_weight = jax.jit(quantization.quantize_array, static_argnums=1)
 
 
 def _quantize_selected(model: nnx.Module, qconfig: QuantizationConfig,
@@ -470,7 +469,7 @@ def _quantize_selected(model: nnx.Module, qconfig: QuantizationConfig,
         if is_float and quantization.selects(qconfig, path, shape_of(value), target_modules):
             selected += 1
             if not quantization.is_quantized(value):
-                variable.set_value(_quantize_weight(value, qconfig))
+                variable.set_value(quantization.quantize_array_jit(value, qconfig))
     return selected, weights
 
 
