@@ -1,6 +1,6 @@
 """jaxpeft: parameter-efficient fine-tuning for JAX and Flax."""
 
-from jaxpeft import evaluation, quantization, sharding
+from jaxpeft import evaluation, method, methods, optimizers, quantization, sharding
 from jaxpeft.config import ConfigError, PeftConfig
 from jaxpeft.core import (
     AdapterError,
@@ -14,12 +14,26 @@ from jaxpeft.core import (
     unmerge,
 )
 from jaxpeft.hf_format import config_from_hf_dict, config_to_hf_dict, load_adapter, save_adapter
-from jaxpeft.methods.bitfit import BitFitConfig
-from jaxpeft.methods.bottleneck import AdapterConfig
-from jaxpeft.methods.ia3 import IA3Config
-from jaxpeft.methods.lora import LoRAConfig, LoraConfig
-from jaxpeft.methods.prefix_tuning import PrefixTuningConfig
-from jaxpeft.methods.prompt_tuning import PromptTuningConfig, extend_labels
+from jaxpeft.method import Method
+from jaxpeft.method import register as register_method
+from jaxpeft.methods import (
+    AdapterConfig,
+    BitFitConfig,
+    BOFTConfig,
+    IA3Config,
+    LNTuningConfig,
+    LoHaConfig,
+    LoKrConfig,
+    LoRAConfig,
+    LoraConfig,
+    OFTConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    TrainableTokensConfig,
+    VeraConfig,
+)
+from jaxpeft.methods.prompt_tuning import extend_labels
 from jaxpeft.peft_model import PeftModel, get_peft_model
 from jaxpeft.pipelines import Pipeline, PipelineError, pipeline
 from jaxpeft.quantization import QuantizationConfig, QuantizedArray, quantize
@@ -32,22 +46,31 @@ __all__ = [
     "AdapterConfig",
     "AdapterError",
     "AdapterMix",
+    "BOFTConfig",
     "BitFitConfig",
     "ConfigError",
     "IA3Config",
+    "LNTuningConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoRAConfig",
     "LoraConfig",
+    "Method",
+    "OFTConfig",
     "ParameterCount",
     "PeftConfig",
     "PeftModel",
     "Pipeline",
     "PipelineError",
     "PrefixTuningConfig",
+    "PromptEncoderConfig",
     "PromptTuningConfig",
     "QuantizationConfig",
     "QuantizedArray",
+    "TrainableTokensConfig",
     "Trainer",
     "TrainingArguments",
+    "VeraConfig",
     "adapter_names",
     "check_adapter_name",
     "combine",
@@ -61,10 +84,14 @@ __all__ = [
     "init_adapters",
     "load_adapter",
     "merge",
+    "method",
+    "methods",
+    "optimizers",
     "partition",
     "pipeline",
     "quantization",
     "quantize",
+    "register_method",
     "rewrite",
     "save_adapter",
     "sharding",

@@ -33,10 +33,6 @@ INLINED = ("pjit", "jit", "closed_call", "core_call")  # sub-jaxprs evaluated in
 REMAT = ("remat2", "checkpoint")
 
 
-class ContractionError(ValueError):
-    """A parameter is used in a way the caller cannot adapt; the message says how it is used."""
-
-
 @dataclasses.dataclass(frozen=True)
 class ParamView:
     """An array of a jaxpr that is parameter ``param`` laid out another way.

@@ -40,22 +40,17 @@ from typing import Any
 
 import jaxpeft
 from jaxpeft import core, data, outputs, trainer, training
-from jaxpeft.config import config_class
+from jaxpeft import method as methods
+from jaxpeft.config import PeftConfig, option_docs
 
 # transformers, the model families and Orbax are imported by the commands that use them, so that ``jaxpeft --help``
 # answers quickly.
 
 RUN_FILE = "jaxpeft_run.json"
 ADAPTER_FOLDER = "adapter"
-METHODS = {"lora": "LORA", "ia3": "IA3", "adapter": "BOTTLENECK", "prefix": "PREFIX_TUNING",
-           "prompt": "PROMPT_TUNING", "bitfit": "BITFIT"}
-TASKS = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "token_cls": "TOKEN_CLS"}
-TASK_ALIASES = {"text-classification": "seq_cls", "sequence-classification": "seq_cls", "classification": "seq_cls",
-                "text-generation": "causal_lm", "causal-lm": "causal_lm", "token-classification": "token_cls",
-                "ner": "token_cls"}
-# Files that make up a transformers tokenizer, copied next to a merged checkpoint.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja")
+TASKS = jaxpeft.config.HEAD_TASK_TYPES  # our task names -> HF's task types
+TASK_ALIASES = jaxpeft.config.HEAD_ALIASES  # other spellings -> our task names
+TOKENIZER_FILES = data.TOKENIZER_FILES  # copied next to a merged checkpoint
 
 
 class UsageError(ValueError):
@@ -147,8 +142,22 @@ def task_name(task: str) -> str:
     raise UsageError(f"unknown task {task!r}; use one of {', '.join(TASKS)} (or {', '.join(TASKS.values())})")
 
 
+def json_value(text: str) -> Any:
+    """A flag value read as JSON when it is JSON (``true``, ``{"q": 8}``, ``0.5``), else as text.
+
+    Example:
+        >>> json_value('{"q_proj": 8}'), json_value("gaussian")
+        ({'q_proj': 8}, 'gaussian')
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 _KIND_TYPES: dict[str, Callable[[str], Any] | None] = {"str": str, "texts": str, "int": int, "float": float,
-                                                       "list": comma_list, "pairs": key_value, "flag": None}
+                                                       "list": comma_list, "pairs": key_value, "flag": None,
+                                                       "json": json_value}
 
 
 def _file_value(key: str, value: Any, kind: str, choices: Sequence[str] | None) -> Any:
@@ -178,6 +187,8 @@ def _file_value(key: str, value: Any, kind: str, choices: Sequence[str] | None) 
         if isinstance(value, list) and all(isinstance(item, str) and "=" in item for item in value):
             return [key_value(item) for item in value]
         raise wrong("a mapping of option names to values")
+    if kind == "json":
+        return value
     if isinstance(value, (dict, list)) or value is None:
         raise wrong(f"a single {kind} value")
     if kind == "int":
@@ -368,6 +379,8 @@ HYPER_PARAMETERS = (
     ("--weight-decay", "weight_decay", "float", "AdamW weight decay (not on biases and norms)", NOT_NEGATIVE),
     ("--max-grad-norm", "max_grad_norm", "float", "clip gradients to this global norm (0: no clipping)",
      NOT_NEGATIVE),
+    ("--loraplus-lr-ratio", "loraplus_lr_ratio", "float", "LoRA+: train LoRA's B this many times faster than A",
+     POSITIVE),
     ("--seed", "seed", "int", "seed of the adapter's init, dropout and data order", NOT_NEGATIVE),
     ("--bf16", "bf16", "flag", "compute in bfloat16 (the adapter stays float32)", None),
     ("--logging-steps", "logging_steps", "int", "log the training loss every N steps", AT_LEAST_ONE),
@@ -386,22 +399,51 @@ HYPER_PARAMETERS = (
     ("--mesh", "mesh", "str", "shard over the devices as a mesh, e.g. data=4,fsdp=2 or data=2,tensor=4 (default: "
      "data parallel over every device)", None),
 )
-# Flags for the most used method options; any other config field goes through --option KEY=VALUE.
-METHOD_OPTIONS = (
-    ("--r", "int", "LoRA rank", AT_LEAST_ONE),
-    ("--lora-alpha", "float", "LoRA alpha (the update is scaled by alpha / r)", POSITIVE),
-    ("--lora-dropout", "float", "dropout on the LoRA input", FRACTION),
-    ("--use-dora", "flag", "DoRA: LoRA with a learned magnitude per output", None),
-    ("--use-rslora", "flag", "rsLoRA scaling alpha / sqrt(r)", None),
-    ("--target-modules", "list", "modules to adapt, comma-separated (default: the architecture's; 'all-linear')",
-     None),
-    ("--feedforward-modules", "list", "IA3 / adapter: the feed-forward modules among the targets", None),
-    ("--modules-to-save", "list", "modules trained and saved in full (the classifier head is added for seq_cls)",
-     None),
-    ("--num-virtual-tokens", "int", "prefix / prompt tuning: virtual tokens", AT_LEAST_ONE),
-    ("--reduction-factor", "float", "bottleneck adapter: hidden size / adapter size", POSITIVE),
-    ("--preset", "str", "bottleneck adapter: houlsby, pfeiffer or parallel", None),
-)
+def _option_kind(field: dataclasses.Field) -> str:
+    """The flag kind of a config field, from its annotation: names lists, numbers, text, on/off, else JSON."""
+    annotation = str(field.type).replace(" ", "")
+    parts = set(annotation.split("|")) - {"None"}
+    if any(part in ("Sequence[str]", "list[str]", "tuple[str,...]") for part in parts) and parts <= {
+            "str", "Sequence[str]", "list[str]", "tuple[str,...]"}:
+        return "list"
+    if parts == {"bool"}:
+        return "flag" if field.default is False else "json"
+    if parts == {"int"}:
+        return "int"
+    if parts in ({"float"}, {"int", "float"}):
+        return "float"
+    return "str" if parts == {"str"} else "json"
+
+
+def methods_in_order() -> list[methods.Method]:
+    """jaxpeft's methods in the order of ``jaxpeft.methods.METHODS``, then any other registered method."""
+    builtin = [method.peft_type for method in jaxpeft.methods.METHODS]
+    return sorted(methods.registered(), key=lambda method: (
+        builtin.index(method.peft_type) if method.peft_type in builtin else len(builtin)))
+
+
+def method_flags() -> dict[str, tuple[str, str, list[str]]]:
+    """``{flag: (kind, help, method names)}``: one flag for every option of every registered method's config
+    (``--lora-alpha`` for ``LoraConfig.lora_alpha``), its help the config's documentation of the field.
+
+    Example:
+        >>> flags = method_flags()
+        >>> flags["--lora-alpha"][0], "lora" in flags["--target-modules"][2], flags["--use-dora"][0]
+        ('float', True, 'flag')
+    """
+    common = {field.name for field in dataclasses.fields(PeftConfig)}
+    flags: dict[str, tuple[str, str, list[str]]] = {}
+    for method in methods_in_order():
+        docs = option_docs(method.config_class)
+        for field in dataclasses.fields(method.config_class):
+            if field.name in common:
+                continue
+            flag = "--" + field.name.replace("_", "-")
+            if flag in flags:
+                flags[flag][2].append(method.cli_name)
+                continue
+            flags[flag] = (_option_kind(field), docs.get(field.name, ""), [method.cli_name])
+    return flags
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _Command]]:
@@ -445,9 +487,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _Command]]:
     train.option(group, "--double-quant", "flag", "with --quantize nf4/fp4: quantize the block scales too "
                  "(bitsandbytes' double quantization)")
     group = train.group("method")
-    train.option(group, "--method", "str", "the PEFT method", choices=tuple(METHODS), required=True)
-    for flag, kind, help_text, bounds in METHOD_OPTIONS:
-        train.option(group, flag, kind, help_text, bounds=bounds)
+    train.option(group, "--method", "str", "the PEFT method",
+                 choices=tuple(method.cli_name for method in methods_in_order()), required=True)
+    for flag, (kind, help_text, names) in method_flags().items():
+        if flag.lstrip("-").replace("-", "_") not in train.kinds:
+            suffix = f"[{', '.join(names)}]"
+            train.option(group, flag, kind, f"{help_text} {suffix}" if help_text else suffix,
+                         metavar="JSON" if kind == "json" else None)
     train.option(group, "--option", "pairs", "any other field of the method's config, the value as JSON "
                  "(repeatable), e.g. --option bias=lora_only --option 'layers_to_transform=[0,1]'")
     group = train.group("data")
@@ -935,10 +981,11 @@ def method_config(method: str, task: str, options: Mapping[str, Any]):
         ...
         jaxpeft.cli.UsageError: --r is not an option of --method ia3 (IA3Config); its options: ...
     """
-    peft_type = METHODS.get(method.lower()) or (method.upper() if method.upper() in METHODS.values() else None)
-    if peft_type is None:
-        raise UsageError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    cls = config_class(peft_type)
+    try:
+        cls = methods.by_cli_name(method).config_class
+    except KeyError:
+        names = ", ".join(registered.cli_name for registered in methods_in_order())
+        raise UsageError(f"unknown method {method!r}; use one of {names}") from None
     fields = {field.name for field in dataclasses.fields(cls)} - {"task_type"}
     unknown = sorted(set(options) - fields)
     if unknown:
@@ -950,8 +997,8 @@ def method_config(method: str, task: str, options: Mapping[str, Any]):
 
 def _method_options(options: argparse.Namespace) -> dict[str, Any]:
     chosen: dict[str, Any] = {}
-    for flag, _, _, _ in METHOD_OPTIONS:
-        value = getattr(options, flag.lstrip("-").replace("-", "_"))
+    for flag in method_flags():
+        value = getattr(options, flag.lstrip("-").replace("-", "_"), None)
         if value is not None and value is not False:
             chosen[flag.lstrip("-").replace("-", "_")] = "all-linear" if value == ["all-linear"] else value
     chosen.update(dict(options.option or []))
@@ -1085,6 +1132,11 @@ def run_train(options: argparse.Namespace) -> int:
         return _train(options, task)
 
 
+def _input_virtual_tokens(config: Any) -> int:
+    """The positions a config's virtual tokens take in front of the input (prompt tuning and p-tuning)."""
+    return config.num_virtual_tokens if getattr(config, "peft_type", None) in ("PROMPT_TUNING", "P_TUNING") else 0
+
+
 def _train(options: argparse.Namespace, task: str) -> int:
     import jax
 
@@ -1100,7 +1152,7 @@ def _train(options: argparse.Namespace, task: str) -> int:
     quantized = _quantization(options)
     model = load_model(options.model, task, quiet=True, **quantized,
                        **_head_overrides(options, task, names, all_examples))
-    virtual_tokens = peft_config.num_virtual_tokens if peft_config.peft_type == "PROMPT_TUNING" else 0
+    virtual_tokens = _input_virtual_tokens(peft_config)
     max_length = _max_length(options.max_length, model, tokenizer, virtual_tokens)
     label2id = {name: i for i, name in enumerate(names)} if names else None
     train_features = _tokenize(train_examples, tokenizer, options, task, max_length, label2id, model)
@@ -1221,7 +1273,7 @@ def run_eval(options: argparse.Namespace) -> int:
     label2id = (None if loaded.task == "causal_lm"
                 else _string_label_ids(examples, options, loaded.task, loaded.run, model_config(loaded.base)))
     config = loaded.model.peft_config.get(loaded.model.active_adapter) if hasattr(loaded.model, "peft_config") else None
-    virtual_tokens = config.num_virtual_tokens if getattr(config, "peft_type", None) == "PROMPT_TUNING" else 0
+    virtual_tokens = _input_virtual_tokens(config)
     max_length = _max_length(options.max_length or loaded.run.get("max_length"), loaded.base, tokenizer, virtual_tokens)
     features = _tokenize(examples, tokenizer, options, loaded.task, max_length, label2id, loaded.base)
     collator = _collator(loaded.task, tokenizer, loaded.base, max_length)
@@ -1306,7 +1358,7 @@ def run_merge(options: argparse.Namespace) -> int:
     if adapter is not None and os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as file:
             config = jaxpeft.config_from_hf_dict(json.load(file))
-        if not hasattr(core.method_for(config), "merge_layer"):  # checked before the model loads
+        if core.method_for(config).merge_layer is None:  # checked before the model loads
             raise UsageError(f"{config.peft_type} adapters cannot be merged into the weights (they are not a change "
                              "of weights); use the adapter folder as it is, e.g. with `jaxpeft generate --adapter`")
     loaded = _load_adapted(options, needs_adapter=True)

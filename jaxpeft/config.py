@@ -11,19 +11,30 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
+# The task names, all in one place: HF PEFT's task types, the jaxpeft head of each that has one, and the other
+# spellings (popular tutorials', transformers' pipeline names) each stands for.
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-# Spellings from popular tutorials and transformers' pipeline names.
+HEAD_TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "token_cls": "TOKEN_CLS"}
 TASK_ALIASES = {
     "text-generation": "CAUSAL_LM",
     "causal-lm": "CAUSAL_LM",
     "classification": "SEQ_CLS",
     "text-classification": "SEQ_CLS",
     "sequence-classification": "SEQ_CLS",
+    "sentiment-analysis": "SEQ_CLS",
     "token-classification": "TOKEN_CLS",
+    "ner": "TOKEN_CLS",
     "question-answering": "QUESTION_ANS",
     "feature-extraction": "FEATURE_EXTRACTION",
     "text2text-generation": "SEQ_2_SEQ_LM",
 }
+# Aliases -> jaxpeft head names, for the tasks that have a head.
+HEAD_ALIASES = {
+    alias: head for alias, task_type in TASK_ALIASES.items() for head, type_ in HEAD_TASK_TYPES.items()
+    if type_ == task_type
+}
+# transformers' pipeline task aliases -> the pipeline names.
+PIPELINE_ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
 
 
 class ConfigError(ValueError):
@@ -132,16 +143,40 @@ def layer_indices(name: str, value: Any) -> int | list[int]:
     return [int(index) for index in indices]
 
 
-# peft_type -> config class, filled by the method modules (``@register_config``) when they are imported.
+# peft_type -> config class, filled by ``jaxpeft.method.register`` as each method file is imported.
 CONFIG_CLASSES: dict[str, type[PeftConfig]] = {}
 
 
-def register_config(cls: type[PeftConfig]) -> type[PeftConfig]:
-    """Class decorator: makes ``cls`` the config class of adapters whose ``peft_type`` is ``cls.peft_type``."""
-    if not cls.peft_type:
-        raise TypeError(f"{cls.__name__} sets no peft_type")
-    CONFIG_CLASSES[cls.peft_type] = cls
-    return cls
+def option_docs(cls: type) -> dict[str, str]:
+    """``{option: its documentation}`` from the ``Attributes:`` section of a config class's docstring, each
+    collapsed to one line.
+
+    Example:
+        >>> import jaxpeft
+        >>> option_docs(jaxpeft.LoraConfig)["r"]
+        'the rank.'
+    """
+    docs: dict[str, str] = {}
+    lines = (cls.__doc__ or "").splitlines()
+    inside, indent, current = False, None, None
+    for line in lines:
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            inside, indent = True, None
+            continue
+        if not inside or not stripped:
+            continue
+        depth = len(line) - len(line.lstrip())
+        indent = depth if indent is None else indent
+        if depth < indent:
+            break
+        name, sep, text = stripped.partition(":")
+        if depth == indent and sep and name.isidentifier():
+            current = name
+            docs[name] = text.strip()
+        elif current is not None:
+            docs[current] += " " + stripped
+    return docs
 
 
 def config_class(peft_type: str) -> type[PeftConfig]:
@@ -152,10 +187,10 @@ def config_class(peft_type: str) -> type[PeftConfig]:
         >>> from jaxpeft.config import config_class
         >>> config_class("IA3").__name__
         'IA3Config'
-        >>> config_class("ADALORA")
+        >>> config_class("XLORA")
         Traceback (most recent call last):
         ...
-        jaxpeft.config.ConfigError: peft_type='ADALORA' is not supported by jaxpeft; supported: ...IA3, LORA...
+        jaxpeft.config.ConfigError: peft_type='XLORA' is not supported by jaxpeft; supported: ...IA3, ...LORA...
     """
     if peft_type not in CONFIG_CLASSES:
         raise ConfigError(f"peft_type={peft_type!r} is not supported by jaxpeft; supported: "

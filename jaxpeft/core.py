@@ -15,7 +15,7 @@ import logging
 import os
 import unicodedata
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -26,6 +26,7 @@ import optax
 from jaxpeft import _targets, _tracing, quantization
 from jaxpeft._tracing import OWN_PARAMS, PARAM_SLOTS, TARGET_PARAMS, Layer, Trace, trace_layers
 from jaxpeft.config import PeftConfig
+from jaxpeft.method import method_for
 from jaxpeft.tree import ADAPTER_KEYS, SAVED_MODULES_KEY, adapter_names, flatten, strip_adapters, unflatten_like
 
 logger = logging.getLogger(__name__)
@@ -101,49 +102,6 @@ def check_adapter_name(name: Any) -> str:
     return name
 
 
-class Method(Protocol):
-    """What a PEFT method provides to the core. Each method file defines one as ``METHOD``."""
-
-    leaf_keys: tuple[str, ...]
-
-    def create(self, key: jax.Array, config: Any, trace: Trace, dtype: Any) -> dict[tuple[Path, str], Any]:
-        """The new leaves, ``{(layer path, leaf key): stacked array}``, for the layers the config targets."""
-
-    def interceptor(self, config: Any, adapter_name: str, dropout: bool) -> Callable:
-        """A ``flax.linen.intercept_methods`` interceptor that applies the adapter named ``adapter_name``."""
-
-    def merge_layer(self, config: Any, layer_params: dict, leaves: dict, sign: float) -> dict:
-        """The layer's parameters with the adapter added (``sign=1``) or taken out again (``sign=-1``)."""
-
-    def trainable_keys(self, config: Any) -> tuple[str, ...]:
-        """Keys of the leaves that train."""
-
-    # Optional hooks:
-    #   finish(key, config, trace, new_leaves, flat_params) -> (new_leaves, flat_params): steps that need the base
-    #       weights' values (DoRA's magnitude, PiSSA, prompt tuning's TEXT init).
-    #   unmerge_layer(config, layer_params, leaves, original_params) -> layer_params: when sign=-1 is not exact.
-    #   call(config, adapter_name, apply_fn, variables, args, kwargs, dropout) -> output: for methods that change
-    #       the call itself (prompt and prefix tuning keep their leaves at the top of ``params``, path ``()``, and
-    #       pass virtual tokens or key/values to the model); used instead of ``interceptor``.
-    #   mixed_interceptor(configs, index, names, dropout) -> adapt(next_fun, args, kwargs, context, here): for a
-    #       mixed batch, one pass through a layer that holds several of the method's adapters (``here``); returns
-    #       ``None`` where the general path (each adapter on the whole batch, then a selection per row) must run.
-
-
-_METHODS: dict[str, Method] = {}
-
-
-def register_method(peft_type: str, method: Method) -> None:
-    """Makes ``method`` the implementation of configs whose ``peft_type`` is ``peft_type``."""
-    _METHODS[peft_type] = method
-
-
-def method_for(config: PeftConfig) -> Method:
-    if not isinstance(config, PeftConfig) or config.peft_type not in _METHODS:
-        raise TypeError(f"expected a jaxpeft config such as LoraConfig, got {type(config).__name__}")
-    return _METHODS[config.peft_type]
-
-
 def _check_apply_fn(apply_fn: Callable) -> None:
     if hasattr(apply_fn, "lower") and hasattr(apply_fn, "eval_shape"):
         raise TypeError("pass the un-jitted apply function (e.g. model.apply) and jit what jaxpeft returns: a "
@@ -184,7 +142,7 @@ def init_adapters(key: jax.Array, config: PeftConfig, apply_fn: Callable, variab
     create_key, finish_key = jax.random.split(key)
     new_leaves = method.create(create_key, config, trace, adapter_dtype)
     flat = flatten(params)
-    if hasattr(method, "finish"):  # steps that need the base weights' values (DoRA's magnitude, PiSSA)
+    if method.finish is not None:  # steps that need the base weights' values (DoRA's magnitude, PiSSA)
         new_leaves, flat = method.finish(finish_key, config, trace, new_leaves, flat)
     for (path, leaf_key), value in new_leaves.items():
         flat[path + (leaf_key, adapter_name)] = value
@@ -334,7 +292,7 @@ def _mixed_apply(apply_fn: Callable, configs: dict[str, PeftConfig], variables: 
         if name not in configs or name not in present:
             raise AdapterError(f"adapter_names mentions {name!r}, which is not an adapter here (adapters: "
                                f"{sorted(set(configs) & set(present))}; use '__base__' for the base model)")
-        if hasattr(method_for(configs[name]), "call"):
+        if method_for(configs[name]).call is not None:
             raise AdapterError(f"adapter {name!r} is {configs[name].peft_type}, which changes the whole call and "
                                "cannot share a batch with other adapters; run it on its own")
     dropout = _dropout_requested(kwargs)
@@ -345,7 +303,7 @@ def _mixed_apply(apply_fn: Callable, configs: dict[str, PeftConfig], variables: 
         names_by_method.setdefault(method_for(configs[name]), []).append(name)
     # (names, adapt): one pass through a layer for several adapters of one method
     one_pass = [(set(names), method.mixed_interceptor({n: configs[n] for n in names}, mix.index, mix.names, dropout))
-                for method, names in names_by_method.items() if hasattr(method, "mixed_interceptor")]
+                for method, names in names_by_method.items() if method.mixed_interceptor is not None]
     batch_size = mix.index.shape[0]
     running: list[str] = []  # inside an adapted module: the adapter that module and its submodules run
 
@@ -463,7 +421,7 @@ def rewrite(apply_fn: Callable, config: PeftConfig | dict[str, PeftConfig]) -> C
         method = method_for(active)
         dropout = _dropout_requested(kwargs)
         variables = _swap_saved_modules(variables, adapter_name)
-        if hasattr(method, "call"):
+        if method.call is not None:
             return method.call(active, adapter_name, apply_fn, variables, args, kwargs, dropout)
         with nn.intercept_methods(method.interceptor(active, adapter_name, dropout)):
             return apply_fn(variables, *args, **kwargs)
@@ -475,10 +433,10 @@ def trainable_mask(variables: Any, config: PeftConfig, adapter_name: str = "defa
     """A bool tree like ``variables``: True for the leaves that train for this adapter.
 
     These are the method's adapter leaves, the adapter's copies of ``modules_to_save``, and the biases that the
-    ``bias`` option ("all" or "lora_only") sets training.
+    ``bias`` option ("all", or "lora_only"/"vera_only": the biases of adapted layers) sets training.
     """
     method = method_for(config)
-    keys = set(method.trainable_keys(config))
+    keys = set(method.trainable(config))
     bias = getattr(config, "bias", "none")
     flat = flatten(variables)
     adapted = {path[:i] for path in flat for i in range(len(path) - 1)
@@ -491,7 +449,7 @@ def trainable_mask(variables: Any, config: PeftConfig, adapter_name: str = "defa
             if path[i] in ADAPTER_KEYS:
                 return path[i + 1] == adapter_name and (path[i] in keys or path[i] == SAVED_MODULES_KEY)
         if path[-1] == "bias":
-            return bias == "all" or (bias == "lora_only" and path[:-1] in adapted)
+            return bias == "all" or (bias.endswith("_only") and path[:-1] in adapted)
         return False
 
     if adapter_name not in adapter_names(variables):
@@ -567,15 +525,15 @@ def _merged_weights(method: Any, config: PeftConfig, layer_params: dict, leaves:
 def _apply_to_layers(variables: Any, config: PeftConfig, adapters: Any, adapter_name: str, sign: float,
                      requantize: bool = False) -> Any:
     method = method_for(config)
-    if not hasattr(method, "merge_layer"):
+    if method.merge_layer is None:
         raise AdapterError(f"{config.peft_type} adapters cannot be merged into the base weights; keep running the "
                            "adapted model (PeftModel or jaxpeft.rewrite), or unload() for the base model")
-    groups = layer_groups(adapters, adapter_name, method.leaf_keys + getattr(method, "optional_leaf_keys", ()))
+    groups = layer_groups(adapters, adapter_name, method.all_leaf_keys)
     if not groups:
         raise AdapterError(f"no adapter {adapter_name!r} to merge (adapters present: "
                            f"{adapter_names(adapters) or 'none'})")
     flat = flatten(_params(variables))
-    original_flat = flatten(_params(adapters)) if sign < 0 and hasattr(method, "unmerge_layer") else None
+    original_flat = flatten(_params(adapters)) if sign < 0 and method.unmerge_layer is not None else None
     for path, leaves in groups.items():
         missing = [key for key in method.leaf_keys if key not in leaves]
         if missing:

@@ -28,6 +28,10 @@ from typing import Any
 import numpy as np
 
 IGNORE_INDEX = -100  # label value that losses skip: padding, prompt tokens, packed-example boundaries
+# The files a saved transformers tokenizer may consist of: a folder holding any of them holds a tokenizer, and a
+# merged checkpoint gets copies of those its source has.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja")
 # Powers of two; a longer sequence is padded to a multiple of the last one.
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -592,16 +596,50 @@ def pad_sequences(sequences: Sequence[Sequence[int]], length: int, value: int, *
     return out
 
 
-def _resolve_pad_token_id(tokenizer: Any, pad_token_id: int | None) -> int:
+def _token_id(value: Any) -> int | None:
+    """``value`` as a token id: the first of a list (Llama 3's ``eos_token_id``), None unless an integer."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
+
+
+def resolve_pad_token_id(tokenizer: Any = None, model_config: Any = None, *, default: int | None = 0) -> int | None:
+    """The id that pads ``input_ids``, chosen the same way by ``Trainer``, the pipelines and the collators: the
+    first that is set of
+
+    1. the model config's ``pad_token_id``: the padding the model itself recognises (transformers' decoder
+       classifiers without a mask, RoBERTa's position ids);
+    2. the tokenizer's ``pad_token_id``;
+    3. the tokenizer's ``eos_token_id`` (padding is masked out, so EOS serves when there is no pad token);
+    4. the model config's ``eos_token_id`` (the first of a list);
+    5. ``default``.
+
+    Example:
+        >>> from types import SimpleNamespace as Namespace
+        >>> tokenizer = Namespace(pad_token_id=None, eos_token_id=2)
+        >>> resolve_pad_token_id(tokenizer, Namespace(pad_token_id=0)), resolve_pad_token_id(tokenizer)
+        (0, 2)
+        >>> resolve_pad_token_id(None, Namespace(eos_token_id=[128001, 128009])), resolve_pad_token_id()
+        (128001, 0)
+    """
+    candidates = (
+        getattr(model_config, "pad_token_id", None),
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(model_config, "eos_token_id", None),
+    )
+    return next((token for token in map(_token_id, candidates) if token is not None), default)
+
+
+def _collator_pad_token_id(tokenizer: Any, pad_token_id: int | None) -> int:
     if pad_token_id is not None:
         return int(pad_token_id)
     if tokenizer is None:
         raise DataError("a collator needs the tokenizer or pad_token_id= to know the padding token.")
-    for name in ("pad_token_id", "eos_token_id"):  # padding is masked, so EOS serves when there is no pad token
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    raise DataError("the tokenizer has neither a pad nor an EOS token; pass pad_token_id=.")
+    resolved = resolve_pad_token_id(tokenizer, default=None)
+    if resolved is None:
+        raise DataError("the tokenizer has neither a pad nor an EOS token; pass pad_token_id=.")
+    return resolved
 
 
 def _token_features(features: Sequence[Mapping], what: str) -> list[Mapping]:
@@ -637,7 +675,7 @@ class _PaddingCollator:
     ):
         if padding_side not in ("right", "left"):
             raise DataError(f"padding_side={padding_side!r} must be 'right' or 'left'.")
-        self.pad_token_id = _resolve_pad_token_id(tokenizer, pad_token_id)
+        self.pad_token_id = _collator_pad_token_id(tokenizer, pad_token_id)
         self.buckets = None if buckets is None else tuple(buckets)
         self.max_length = max_length
         self.padding_side = padding_side

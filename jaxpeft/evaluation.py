@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft import data, pipelines, training
+from jaxpeft.data import IGNORE_INDEX
 from jaxpeft.methods.prompt_tuning import extend_labels
 
 AVERAGES = ("binary", "macro", "micro", "weighted")
-IGNORE_INDEX = -100
 
 
 class MetricError(ValueError):
@@ -202,7 +202,7 @@ def _text_batches(model, texts: list[str], tokenizer, batch_size: int, window: i
         ids = list(tokenizer(text)["input_ids"])
         pieces = sliding_windows(ids, window, stride) if window is not None else [(ids, ids)]
         features.extend({"input_ids": piece, "labels": labels} for piece, labels in pieces)
-    pad_token_id = pipelines._pad_token_id_of(model, tokenizer)
+    pad_token_id = data.resolve_pad_token_id(tokenizer, pipelines._base_model_of(model).config)
     for filled in pipelines.filled_batches(features, batch_size, shrink_last=True):
         length = data.bucket_length(max(len(f["input_ids"]) for f in filled.rows), max_length=limit)
         batch = pipelines.pad_features(filled.rows, length=length, pad_token_id=pad_token_id)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -53,11 +52,12 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from jaxpeft import _targets, outputs
-from jaxpeft._tracing import PARAM_SLOTS, Layer, Trace, trace_layers
+from jaxpeft import _layouts, _targets, outputs
+from jaxpeft._tracing import PARAM_SLOTS, Trace, trace_layers
 from jaxpeft.config import CONFIG_CLASSES, ConfigError, PeftConfig, config_class
-from jaxpeft.core import AdapterError, Method, check_adapter_name, init_adapters, method_for, parameter_layer
-from jaxpeft.methods.lora import MAGNITUDE, kernel_axes
+from jaxpeft.core import AdapterError, check_adapter_name, init_adapters, parameter_layer
+from jaxpeft.method import Method, method_for
+from jaxpeft.methods.lora import kernel_axes
 from jaxpeft.tree import (
     ADAPTER_KEYS,
     CONSTANT_KEYS,
@@ -176,127 +176,8 @@ class _Slot:
     from_hf: Callable[[np.ndarray], np.ndarray]
 
 
-def _transpose_layout(jax_shape, perm):
-    inverse = tuple(np.argsort(perm))
-    return (tuple(jax_shape[p] for p in perm), lambda x: np.transpose(x, perm), lambda t: np.transpose(t, inverse))
-
-
-def _matrix_layout(jax_shape, rows: int, transpose: bool):
-    """jax ``(*row axes, *col axes)`` -> torch ``[cols, rows]`` (transpose) or ``[rows, cols]``."""
-    n_rows = math.prod(jax_shape[:rows])
-    n_cols = math.prod(jax_shape[rows:])
-    if transpose:
-        return ((n_cols, n_rows), lambda x: x.reshape(n_rows, n_cols).T,
-                lambda t: t.T.reshape(jax_shape))
-    return (n_rows, n_cols), lambda x: x.reshape(n_rows, n_cols), lambda t: t.reshape(jax_shape)
-
-
-def _reshape_layout(jax_shape: tuple[int, ...], hf_shape: tuple[int, ...]):
-    return tuple(hf_shape), lambda x: x.reshape(hf_shape), lambda t: t.reshape(jax_shape)
-
-
-def _lora_layout(kind: str, factor: str, jax_shape: tuple[int, ...], window_ndim: int = 0):
-    """(torch shape, to_hf, from_hf) of one layer's ``lora_A`` or ``lora_B``."""
-    if kind == "conv" and factor == "lora_A":  # (*window, in, r) -> [r, in, *window]
-        n = len(jax_shape)
-        return _transpose_layout(jax_shape, (n - 1, n - 2, *range(n - 2)))
-    if kind == "conv":  # (r, out) -> [out, r, 1, ...]: a 1x...x1 convolution
-        rank, out = jax_shape
-        ones = (1,) * window_ndim
-        return (out, rank) + ones, lambda x: x.T.reshape((out, rank) + ones), lambda t: t.reshape(out, rank).T
-    if factor == "lora_A":
-        return _matrix_layout(jax_shape, len(jax_shape) - 1, transpose=True)
-    return _matrix_layout(jax_shape, 1, transpose=True)
-
-
-def _magnitude_layout(kind: str, jax_shape: tuple[int, ...], window_ndim: int):
-    """(torch shape, to_hf, from_hf) of one layer's DoRA magnitude ``(*output axes)``."""
-    if kind == "conv":  # (out,) -> [1, out, 1, ...]
-        return _reshape_layout(jax_shape, (1,) + tuple(jax_shape) + (1,) * window_ndim)
-    return _plain_layout(jax_shape, flat=True)
-
-
-def _kernel_layout(kind: str, jax_shape: tuple[int, ...], n_in: int, conv1d: bool):
-    """(torch shape, to_hf, from_hf) of one layer's kernel (``weight`` in torch)."""
-    if kind == "embed":
-        return tuple(jax_shape), lambda x: x, lambda t: t
-    if kind == "conv":  # (*window, in, out) -> [out, in, *window]
-        n = len(jax_shape)
-        return _transpose_layout(jax_shape, (n - 1, n - 2, *range(n - 2)))
-    return _matrix_layout(jax_shape, n_in, transpose=not conv1d)
-
-
-def _plain_layout(jax_shape: tuple[int, ...], flat: bool):
-    if flat:  # a bias of DenseGeneral with several output axes is one vector in torch
-        return _reshape_layout(jax_shape, (math.prod(jax_shape),))
-    return tuple(jax_shape), lambda x: x, lambda t: t
-
-
-# ----- which tensors a layer's adapter leaves become -----
-# Each returns {name suffix: (leaf key, layout)} for one layer, given the per-layer shapes {leaf key: shape}.
-
-def _lora_tensors(config: Any, layer: Layer, name: str, shapes: dict[Path, tuple[int, ...]]) -> dict:
-    del config, name
-    a_shape = shapes[("lora_A",)]
-    window_ndim = len(a_shape) - 2
-    embed = layer.kind == "embed"
-    tensors = {
-        "lora_embedding_A" if embed else "lora_A.weight": (("lora_A",), _lora_layout(layer.kind, "lora_A", a_shape)),
-        "lora_embedding_B" if embed else "lora_B.weight": (
-            ("lora_B",), _lora_layout(layer.kind, "lora_B", shapes[("lora_B",)], window_ndim)),
-    }
-    if (MAGNITUDE,) in shapes:
-        tensors[MAGNITUDE] = ((MAGNITUDE,), _magnitude_layout(layer.kind, shapes[(MAGNITUDE,)], window_ndim))
-    return tensors
-
-
-def _ia3_tensors(config: Any, layer: Layer, name: str, shapes: dict[Path, tuple[int, ...]]) -> dict:
-    shape = shapes[("ia3_l",)]
-    size = math.prod(shape)
-    if layer.kind == "conv":
-        hf_shape = (1, size) + (1,) * (len(shape) - 2)
-    else:
-        hf_shape = (1, size) if config.is_feedforward(name) else (size, 1)
-    return {"ia3_l": (("ia3_l",), _reshape_layout(shape, hf_shape))}
-
-
-_TORCH_LAYOUTS = {"LORA": _lora_tensors, "IA3": _ia3_tensors}
-
-
-def _param_factor_layout(roles: tuple[str, ...], factor: str, jax_shape: tuple[int, ...]):
-    """(torch shape, to_hf, from_hf) of LoRA's A or B on one parameter, as HF PEFT's ``ParamWrapper`` keeps them:
-    A ``[experts * r, in]`` (rows expert by expert), B ``[out, r * experts]`` (columns rank by rank); without
-    leading expert axes, a Linear's ``[r, in]`` and ``[out, r]``. jaxpeft keeps both in the parameter's axis order
-    (size 1 where they do not vary), then the rank."""
-    dropped = "out" if factor == "lora_A" else "in"
-    kept = [i for i, role in enumerate(roles) if role != dropped]
-    groups = {role: [kept.index(i) for i, r in enumerate(roles) if r == role and i in kept]
-              for role in ("batch", "in", "out")}
-    rank_axis = len(kept)
-    order = (groups["batch"] + [rank_axis] + groups["in"] if factor == "lora_A"
-             else groups["out"] + [rank_axis] + groups["batch"])
-    squeezed = tuple(jax_shape[i] for i in kept) + (jax_shape[-1],)
-    moved = tuple(squeezed[i] for i in order)
-    split = 1 + len(groups["batch"]) if factor == "lora_A" else len(groups["out"])
-    hf_shape = (math.prod(moved[:split]), math.prod(moved[split:]))
-    inverse = tuple(np.argsort(order))
-
-    def to_hf(x):
-        return np.transpose(x.reshape(squeezed), order).reshape(hf_shape)
-
-    def from_hf(t):
-        return np.transpose(np.asarray(t).reshape(moved), inverse).reshape(jax_shape)
-
-    return hf_shape, to_hf, from_hf
-
-
-def _param_lora_tensors(layer: Layer, shapes: dict[Path, tuple[int, ...]]) -> dict:
-    return {f"{factor}.weight": ((factor,), _param_factor_layout(layer.roles, factor, shapes[(factor,)]))
-            for factor in ("lora_A", "lora_B")}
-
-
 def _own_tensors(shapes: dict[Path, tuple[int, ...]]) -> dict:
-    return {".".join(key): (key, _plain_layout(shape, flat=False)) for key, shape in shapes.items()
+    return {".".join(key): (key, _layouts.plain_layout(shape, flat=False)) for key, shape in shapes.items()
             if key[0] not in CONSTANT_KEYS}
 
 
@@ -317,7 +198,7 @@ def _conv1d_names(apply_fn: Callable) -> tuple[str, ...]:
 
 
 def _key_prefix(method: Method) -> str:
-    return PROMPT_KEY_PREFIX if hasattr(method, "call") else KEY_PREFIX
+    return PROMPT_KEY_PREFIX if method.call is not None else KEY_PREFIX
 
 
 def _stack_shape(virtual: dict[tuple[int, ...], str]) -> tuple[int, ...]:
@@ -359,11 +240,11 @@ def _base_leaf_layout(trace: Trace, owner: Path, leaf_name: str, shape: tuple[in
         except AdapterError:  # a layer LoRA cannot adapt (e.g. an Einsum with batch axes): no torch name for it
             return None
         is_conv1d = layer.kind == "dense" and owner[-1] in conv1d
-        return "weight", _kernel_layout(layer.kind, shape, n_in, is_conv1d)
+        return "weight", _layouts.kernel_layout(layer.kind, shape, n_in, is_conv1d)
     if leaf_name == "bias":
-        return "bias", _plain_layout(shape, flat=layer is not None)
+        return "bias", _layouts.plain_layout(shape, flat=layer is not None)
     if leaf_name == "scale":
-        return "weight", _plain_layout(shape, flat=False)
+        return "weight", _layouts.plain_layout(shape, flat=False)
     return None
 
 
@@ -427,7 +308,7 @@ def _slots(config: PeftConfig, trace: Trace, flat: dict[Path, Any], adapter_name
     """
     adapter_slots: dict[str, _Slot] = {}
     adapted: dict[Path, dict] = {}
-    torch_layout = _TORCH_LAYOUTS.get(config.peft_type)
+    torch_layout = method_for(config).torch_tensors
     groups = _adapter_leaves(flat, adapter_name)
     for module_path, leaves in groups.items():
         if not module_path and not top_level:
@@ -437,7 +318,7 @@ def _slots(config: PeftConfig, trace: Trace, flat: dict[Path, Any], adapter_name
             continue
         virtual = trace.module_virtual_paths.get(module_path) if module_path else {(): ""}
         layer = trace.layers.get(module_path)
-        if not virtual or (torch_layout is not None and layer is None):
+        if not virtual:
             raise AdapterError(f"adapter {adapter_name!r} has leaves at {'.'.join(module_path)}, a module the sample "
                                "call does not run; pass the model's apply function and inputs it adapts")
         stack_ndim = len(next(iter(virtual)))
@@ -490,7 +371,8 @@ def _param_slots(config: PeftConfig, trace: Trace, flat: dict[Path, Any], group:
                            "sample call does not use; pass the model's apply function and inputs it adapts")
     stack_ndim = len(next(iter(virtual)))
     shapes = {key: shape_of(flat[path])[stack_ndim:] for key, path in leaves.items()}
-    tensors = (_param_lora_tensors(layer, shapes) if config.peft_type == "LORA" else _own_tensors(shapes))
+    param_tensors = method_for(config).torch_param_tensors
+    tensors = param_tensors(layer, shapes) if param_tensors is not None else _own_tensors(shapes)
     # HF PEFT wraps a module's parameters in the order the module registers them: the order the call uses them
     order = list(dict.fromkeys([key[-1] for key in trace.param_uses if key[:-1] == module_path]
                                + [key[-1] for key in trace.param_shapes if key[:-1] == module_path]))
@@ -531,7 +413,7 @@ def _bias_keys(config: PeftConfig, base_slots: dict[str, _Slot]) -> list[str]:
     bias = getattr(config, "bias", "none")
     if bias == "all":
         return [k for k in base_slots if k.endswith(".bias")]
-    if bias == "lora_only":
+    if bias.endswith("_only"):  # "lora_only", "vera_only": the biases of adapted layers
         return [k for k in base_slots if k.endswith(".base_layer.bias")]
     return []
 
@@ -580,7 +462,7 @@ def adapter_folder(folder: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTE
 
 def _check_adapter_present(variables: Any, flat: dict[Path, Any], config: PeftConfig, method: Method,
                            adapter_name: str) -> None:
-    own_keys = set(method.leaf_keys) | set(getattr(method, "optional_leaf_keys", ()))
+    own_keys = set(method.all_leaf_keys)
     found = {key[0] for leaves in _adapter_leaves(flat, adapter_name).values() for key in leaves}
     if not found & own_keys:
         raise AdapterError(f"the variables hold no {config.peft_type} adapter {adapter_name!r} (adapters present: "
@@ -650,7 +532,7 @@ def save_adapter(folder: str | os.PathLike, variables: Any, config: PeftConfig, 
     method = method_for(config)
     flat = flatten(variables.get("params", {}))
     _check_adapter_present(variables, flat, config, method, adapter_name)
-    hooked = hasattr(method, "hf_tensors")
+    hooked = method.hf_tensors is not None
     trace = trace_layers(apply_fn, strip_adapters(variables), sample_args, sample_kwargs)
     adapter_slots, base_slots = _slots(config, trace, flat, adapter_name, _conv1d_names(apply_fn),
                                        top_level=not hooked)
@@ -814,7 +696,7 @@ def load_adapter(folder: str | os.PathLike, apply_fn: Callable, variables: Any, 
     except AdapterError as error:
         raise AdapterError(f"the adapter in {os.fspath(folder)} does not fit this model: {error}") from error
     flat = flatten(built["params"])
-    hooked = hasattr(method, "leaves_from_hf")
+    hooked = method.leaves_from_hf is not None
     adapter_slots, base_slots = _slots(config, trace, flat, adapter_name, _conv1d_names(apply_fn),
                                        top_level=not hooked)
     adapter_slots, base_slots = _renamed_slots(adapter_slots, key_mapping), _renamed_slots(base_slots, key_mapping)

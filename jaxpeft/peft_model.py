@@ -31,24 +31,17 @@ _MIXED = object()  # the key of the mixed-batch runner among the runners by adap
 
 
 def _with_task_defaults(config: PeftConfig, model) -> PeftConfig:
-    """HF PEFT's defaults: the architecture's ``target_modules`` (LoRA, IA3) when the config names none, and, for
+    """HF PEFT's defaults: the method's ``task_defaults`` (the architecture's ``target_modules``) and, for
     classification tasks, the classifier head (``classifier`` or ``score``) in ``modules_to_save``. Without a
     ``task_type`` the model's head gives it (a sequence classifier is ``SEQ_CLS``)."""
-    from jaxpeft.methods import ia3, lora
-
     changes = {}
     if config.task_type is None and model.head in HEAD_TASKS:
         # HF PEFT cannot know the task without task_type and leaves a new classifier head frozen; the model knows.
         changes["task_type"] = HEAD_TASKS[model.head]
     task_type = changes.get("task_type", config.task_type)
-    if isinstance(config, lora.LoraConfig) and config.target_modules is None:
-        changes["target_modules"] = list(model.family.default_lora_targets)
-    model_type = model.config.model_type
-    if isinstance(config, ia3.IA3Config) and config.target_modules is None and model_type in ia3.DEFAULT_TARGETS:
-        targets, feedforward = ia3.DEFAULT_TARGETS[model_type]
-        changes["target_modules"] = targets
-        if config.feedforward_modules is None:
-            changes["feedforward_modules"] = feedforward
+    task_defaults = core.method_for(config).task_defaults
+    if task_defaults is not None:
+        changes.update(task_defaults(config, model))
     if task_type in ("SEQ_CLS", "TOKEN_CLS") and hasattr(config, "modules_to_save"):
         # Matched as plain name suffixes, as in HF PEFT: DistilBERT's pre_classifier is saved too.
         heads = [name for name in ("classifier", "score") if any(m.endswith(name) for m in model.params["params"])]
@@ -97,7 +90,7 @@ class PeftModel:
             name = getattr(self.base_model.config, "name_or_path", "") or None
             config = dataclasses.replace(config, base_model_name_or_path=name)
         method = core.method_for(config)
-        if hasattr(method, "prepare"):  # e.g. prompt learning: num_layers, token_dim, ... from the model's config
+        if method.prepare is not None:  # e.g. prompt learning: num_layers, token_dim, ... from the model's config
             config = method.prepare(config, self.base_model)
         self.params = core.init_adapters(jax.random.key(seed), config, self.base_model.apply_fn, self.params,
                                          adapter_name=adapter_name, **_sample_inputs(self.base_model))

@@ -26,10 +26,9 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 
 from jaxpeft import data
+from jaxpeft.config import PIPELINE_ALIASES
 
-TASK_ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
 IGNORED_OPTIONS = ("device", "device_map", "framework")  # transformers' placement options; JAX places arrays itself
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
 AGGREGATION_STRATEGIES = ("none", "simple", "first", "average", "max")
 _UNSET = object()
 
@@ -104,17 +103,6 @@ def _position_limit(model: Any, tokenizer: Any = None) -> int | None:
     if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:  # unset ones are ~1e30
         limits.append(tokenizer_limit)
     return min(limits) if limits else None
-
-
-def _pad_token_id_of(model: Any, tokenizer: Any = None) -> int:
-    """The id that pads ``input_ids``: the model config's pad token, else the tokenizer's pad or EOS token, else 0
-    (padding is masked out, so any id serves when the model does not look for its pad token)."""
-    candidates = (
-        getattr(_base_model_of(model).config, "pad_token_id", None),
-        getattr(tokenizer, "pad_token_id", None),
-        getattr(tokenizer, "eos_token_id", None),
-    )
-    return next((int(value) for value in candidates if isinstance(value, (int, np.integer))), 0)
 
 
 def rows_for(count: int, batch_size: int) -> int:
@@ -196,7 +184,7 @@ def _resolve_tokenizer(model: Any, tokenizer: Any = None) -> Any:
     if tokenizer is None:
         folders = _model_folders(model)
         tokenizer = next((folder for folder in folders
-                          if any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES)), None)
+                          if any(os.path.exists(os.path.join(folder, f)) for f in data.TOKENIZER_FILES)), None)
         if tokenizer is None:
             where = (f"{' and '.join(map(repr, folders))} hold{'s' if len(folders) == 1 else ''} no tokenizer files"
                      if folders else "the model has no folder")
@@ -280,7 +268,7 @@ class Pipeline:
         self.defaults = self._check_options({k: v for k, v in defaults.items() if k not in IGNORED_OPTIONS})
         self._accepts = _model_accepts(model)
         self._limit = _position_limit(model, self.tokenizer)
-        self._pad_token_id = _pad_token_id_of(model, self.tokenizer)
+        self._pad_token_id = data.resolve_pad_token_id(self.tokenizer, self.config)
 
     @property
     def config(self) -> Any:
@@ -364,19 +352,17 @@ class Pipeline:
         inputs = {name: value for name, value in batch.items() if name in self._accepts or name == "input_ids"}
         return self.model(**inputs)
 
-    def _batched_forward(self, features: list[dict], batch_size: int, read, *, exact_length: bool = False) -> list:
+    def _batched_forward(self, features: list[dict], batch_size: int, read) -> list:
         """Runs ``features`` in padded batches; ``read(output, row, feature, length)`` takes one input's result out
-        of the model output of a batch padded to ``length``. ``exact_length`` runs each input alone and unpadded (for
-        models that cannot see padding)."""
+        of the model output of a batch padded to ``length``."""
         empty = next((index for index, feature in enumerate(features) if not feature["input_ids"]), None)
         if empty is not None:
             raise PipelineError(f"input {empty} has no tokens after tokenization; give a non-empty text.")
         self._check_vocabulary(features)
         results: list = []
-        for batch in filled_batches(features, 1 if exact_length else batch_size, shrink_last=True):
+        for batch in filled_batches(features, batch_size, shrink_last=True):
             chunk = batch.rows[: batch.count]
-            padded = self._padded_length(chunk, batch.start)  # also the limit check
-            length = len(chunk[0]["input_ids"]) if exact_length else padded
+            length = self._padded_length(chunk, batch.start)  # also the limit check
             output = self._forward(pad_features(batch.rows, length=length, pad_token_id=self._pad_token_id))
             results.extend(read(output, row, feature, length) for row, feature in enumerate(chunk))
         return results
@@ -401,9 +387,9 @@ class TextClassificationPipeline(Pipeline):
     one such dict per input. With ``top_k=k`` (``None``: all labels) each input gives a list of ``k`` dicts, best
     first. Scores: ``function_to_apply`` ``"softmax"``, ``"sigmoid"`` or ``"none"``; by default sigmoid for one
     label or ``problem_type="multi_label_classification"``, none for regression, softmax otherwise (as
-    transformers). Inputs longer than the model's limit are truncated unless ``truncation=False``. A decoder
-    classifier whose config has no ``pad_token_id`` cannot tell padding from its last token (transformers refuses
-    batches then), so each input runs alone at its own length.
+    transformers). Inputs longer than the model's limit are truncated unless ``truncation=False``. Inputs run in
+    padded batches: a decoder classifier finds each input's last token by the attention mask, so it needs no
+    ``pad_token_id`` (transformers refuses batches without one).
 
     Example:
         >>> import transformers
@@ -457,9 +443,7 @@ class TextClassificationPipeline(Pipeline):
         features = [self._encode(item, truncation=options["truncation"], max_length=options["max_length"])
                     for item in items]
         logits = self._batched_forward(
-            features, batch_size, lambda output, row, feature, length: np.asarray(output.logits[row], np.float32),
-            # A decoder classifier finds the last token by the config's pad token; without one, no padding.
-            exact_length=getattr(self.config, "pad_token_id", None) is None,
+            features, batch_size, lambda output, row, feature, length: np.asarray(output.logits[row], np.float32)
         )
         transform = {"softmax": _softmax, "sigmoid": _sigmoid, "none": lambda x: x}[function]
         results = []
@@ -796,7 +780,7 @@ def supported_tasks() -> list[str]:
         ['feature-extraction', 'ner', 'sentiment-analysis', 'text-classification', 'text-generation', \
 'token-classification']
     """
-    return sorted([*_PIPELINES, *TASK_ALIASES])
+    return sorted([*_PIPELINES, *PIPELINE_ALIASES])
 
 
 def pipeline(task: str, model: Any, tokenizer: Any = None, **kwargs: Any) -> Pipeline:
@@ -828,7 +812,7 @@ def pipeline(task: str, model: Any, tokenizer: Any = None, **kwargs: Any) -> Pip
         >>> type(classifier).__name__, len(classifier(["I love this movie!", "this movie", "movie"]))
         ('TextClassificationPipeline', 3)
     """
-    name = TASK_ALIASES.get(task, task)
+    name = PIPELINE_ALIASES.get(task, task)
     if name not in _PIPELINES:
         raise PipelineError(f"unknown task {task!r}; jaxpeft's pipelines: {', '.join(supported_tasks())}.")
     cls = _PIPELINES[name]

@@ -49,9 +49,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxpeft import data as data_lib
-from jaxpeft import outputs, pipelines, sharding, training
+from jaxpeft import optimizers, outputs, pipelines, sharding, training
 from jaxpeft.tree import ADAPTER_KEYS, combine, partition
 
 logger = logging.getLogger("jaxpeft")
@@ -96,7 +97,9 @@ class TrainingArguments:
     last incomplete batch of an epoch is dropped so every step has one shape. ``max_length`` truncates raw text when
     the Trainer tokenizes it and caps the padded length; sequences are padded to a few bucketed lengths (16, 32, 64,
     ...), so a run compiles a handful of shapes. ``bf16`` runs the forward and backward in bfloat16 while the
-    adapter weights, their gradients and the optimizer state stay float32. ``max_grad_norm=0`` turns clipping off. A
+    adapter weights, their gradients and the optimizer state stay float32. ``max_grad_norm=0`` turns clipping off.
+    ``loraplus_lr_ratio`` trains LoRA's B (and vectors) that many times faster than A, and the LoRA factors of
+    embeddings at ``loraplus_lr_embedding`` (LoRA+, HF PEFT's ``create_loraplus_optimizer``). A
     fresh ``train()`` into an ``output_dir`` whose ``checkpoints/`` holds an earlier run's checkpoints refuses to
     start unless ``overwrite_output_dir`` (then they are deleted first).
 
@@ -140,6 +143,8 @@ class TrainingArguments:
     disable_tqdm: bool = False
     async_checkpointing: bool = True
     mesh: str | dict | None = None
+    loraplus_lr_ratio: float | None = None
+    loraplus_lr_embedding: float = 1e-6
 
     def __post_init__(self):
         self.output_dir = os.fspath(self.output_dir)
@@ -188,7 +193,8 @@ _ARGUMENT_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
                      "logging_steps", "save_steps", "eval_steps", "save_total_limit", "max_length"),
                     (lambda value: value >= 1, ">= 1")),
     "max_steps": (lambda value: value == -1 or value >= 1, "-1 (train for num_train_epochs) or >= 1"),
-    **dict.fromkeys(("num_train_epochs", "learning_rate", "adam_epsilon"), (lambda value: value > 0, "> 0")),
+    **dict.fromkeys(("num_train_epochs", "learning_rate", "adam_epsilon", "loraplus_lr_ratio",
+                     "loraplus_lr_embedding"), (lambda value: value > 0, "> 0")),
     **dict.fromkeys(("weight_decay", "max_grad_norm", "warmup_steps", "seed", "data_seed"),
                     (lambda value: value >= 0, ">= 0")),
     **dict.fromkeys(("adam_beta1", "adam_beta2", "warmup_ratio"), (lambda value: 0 <= value < 1, "in [0, 1)")),
@@ -213,18 +219,6 @@ def _check_argument(name: str, value: Any, annotation: str) -> None:
         raise ValueError(f"TrainingArguments.{name} must be {expected}, got {value!r}")
 
 
-
-def _pad_token_id(tokenizer: Any, model_config: Any) -> int:
-    for source in (tokenizer, model_config):
-        for name in ("pad_token_id", "eos_token_id"):
-            value = getattr(source, name, None)
-            if isinstance(value, (list, tuple)):
-                value = value[0] if value else None
-            if value is not None:
-                return int(value)
-    return 0
-
-
 def _functional(model: Any, task: str | None) -> Any:
     """An NNX ``jaxpeft.nnx.PeftModel`` as its functional view (trained through it); any other model as it is."""
     from jaxpeft.nnx import PeftModel as NnxPeftModel
@@ -235,15 +229,15 @@ def _functional(model: Any, task: str | None) -> Any:
 
 
 def default_collator(task: str, tokenizer: Any = None, model_config: Any = None, max_length: int | None = None):
-    """The collator for ``task`` (``"seq_cls"``, ``"token_cls"``, ``"causal_lm"``), padding with the tokenizer's
-    pad token (else the model config's pad or EOS token, else 0) to bucketed lengths.
+    """The collator for ``task`` (``"seq_cls"``, ``"token_cls"``, ``"causal_lm"``), padding to bucketed lengths
+    with the id ``data.resolve_pad_token_id`` chooses (the model config's pad token first).
 
     Example:
         >>> collate = default_collator("seq_cls")
         >>> collate([{"input_ids": [5, 6], "labels": 1}])["input_ids"].shape
         (1, 16)
     """
-    pad = _pad_token_id(tokenizer, model_config)
+    pad = data_lib.resolve_pad_token_id(tokenizer, model_config)
     collators = {"seq_cls": data_lib.SequenceClassificationCollator, "token_cls": data_lib.TokenClassificationCollator,
                  "causal_lm": data_lib.CausalLMCollator}
     if task not in collators:
@@ -483,10 +477,15 @@ class Trainer:
         """The run's ``(optimizer, schedule)`` for ``total_steps`` updates: what a checkpoint's state was made with."""
         args = self.args
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
-        return training.make_optimizer(
+        optimizer, schedule = training.make_optimizer(
             args.learning_rate, total_steps=total_steps, warmup_steps=min(warmup, total_steps - 1),
             schedule=args.lr_scheduler_type, weight_decay=args.weight_decay,
             max_grad_norm=args.max_grad_norm or None, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon)
+        if args.loraplus_lr_ratio is not None:
+            optimizer = optax.chain(optimizer, optimizers.scale_by_loraplus(
+                args.loraplus_lr_ratio, learning_rate=args.learning_rate,
+                loraplus_lr_embedding=args.loraplus_lr_embedding))
+        return optimizer, schedule
 
     def _checkpoints(self):
         from jaxpeft import checkpoints
@@ -781,7 +780,7 @@ class Trainer:
         for filled in pipelines.filled_batches(features, size):
             rows = filled.rows
             if not labelled:  # predictions only: placeholder labels that the collator accepts
-                rows = [{**row, "labels": 0 if self.task == "seq_cls" else [training.IGNORE_INDEX] *
+                rows = [{**row, "labels": 0 if self.task == "seq_cls" else [data_lib.IGNORE_INDEX] *
                          len(row["input_ids"])} for row in rows]
             batch = self.data_collator(rows)
             here = _local_rows(np.arange(size))  # this process's rows, when several share the batch
@@ -808,7 +807,7 @@ class Trainer:
             return np.concatenate(arrays)
         longest = max(a.shape[1] for a in arrays)
         padded = [np.pad(a, [(0, 0), (0, longest - a.shape[1])] + [(0, 0)] * (a.ndim - 2),
-                         constant_values=training.IGNORE_INDEX) for a in arrays]
+                         constant_values=data_lib.IGNORE_INDEX) for a in arrays]
         return np.concatenate(padded)
 
     def _metrics(self, sums: dict, predictions: list, labels: list, prefix: str, seconds: float,

@@ -35,10 +35,11 @@ import jax.numpy as jnp
 import optax
 
 from jaxpeft import quantization, sharding
+from jaxpeft.config import HEAD_TASK_TYPES as TASKS
+from jaxpeft.data import IGNORE_INDEX
 from jaxpeft.methods.prompt_tuning import extend_labels
 from jaxpeft.tree import ADAPTER_KEYS, CONSTANT_KEYS, SAVED_MODULES_KEY, combine, partition
 
-IGNORE_INDEX = -100
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -497,9 +498,6 @@ def classification_loss(logits: jax.Array, labels: Any) -> jax.Array:
         1.0986
     """
     return _mean(loss_sums(logits, labels, "seq_cls"))
-
-
-TASKS = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS"}
 
 
 def _task_of(peft_model, task: str | None) -> str:

@@ -13,7 +13,8 @@ MODULES = ["jaxpeft.core", "jaxpeft.tree", "jaxpeft.methods.lora", "jaxpeft.peft
            "jaxpeft.training", "jaxpeft.trainer",
            "jaxpeft.pipelines", "jaxpeft.evaluation", "jaxpeft.checkpoints", "jaxpeft.cli", "jaxpeft.assets",
            "jaxpeft.demo", "jaxpeft.sharding", "jaxpeft.outputs", "jaxpeft.progress", "jaxpeft.plots",
-           "jaxpeft._contractions", "jaxpeft.nnx._graph", "jaxpeft.nnx._model", "jaxpeft.quantization"]
+           "jaxpeft._contractions", "jaxpeft.nnx._graph", "jaxpeft.nnx._model", "jaxpeft.quantization",
+           "jaxpeft.method", "jaxpeft.optimizers"]
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 

@@ -226,14 +226,15 @@ def test_dora_on_embeddings_is_a_clear_error():
 
 # ----- PiSSA -----
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unscanned", "scanned"])
-def test_pissa_matches_torch_peft_and_keeps_the_output(tmp_path_factory, scan_layers):
+def test_pissa_and_olora_match_torch_peft_and_keep_the_output(tmp_path_factory, scan_layers, init):
     torch_model, folder, head, targets = _torch_base("llama", tmp_path_factory)
     model = JAX_CLASSES[head].from_pretrained(folder, scan_layers=scan_layers)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="pissa",
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=init,
                            layers_to_transform=[0, 2])
     peft_model = peft.get_peft_model(torch_model, lora).eval()
-    config = jaxpeft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="pissa",
+    config = jaxpeft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=init,
                                 layers_to_transform=[0, 2])
     variables = jaxpeft.init_adapters(jax.random.key(0), config, model.apply_fn, model.params, IDS, MASK)
     base = np.asarray(model(input_ids=IDS, attention_mask=MASK).logits)
@@ -295,5 +296,5 @@ def test_pissa_options_are_checked():
     model = nn.Embed(10, 4)
     ids = jnp.array([[1, 2]])
     config = jaxpeft.LoraConfig(r=2, target_modules=".*", init_lora_weights="pissa")
-    with pytest.raises(jaxpeft.AdapterError, match="PiSSA cannot initialise .*Embed"):
+    with pytest.raises(jaxpeft.AdapterError, match="init_lora_weights=.pissa. cannot initialise .*Embed"):
         jaxpeft.init_adapters(jax.random.key(0), config, model.apply, model.init(jax.random.key(1), ids), ids)

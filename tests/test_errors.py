@@ -30,7 +30,7 @@ def _one_line(error: Exception) -> str:
     ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
     ({"lora_dropout": -0.1}, r"lora_dropout must be in \[0, 1\)"),
     ({"bias": "some"}, "bias='some' is unknown; use one of none, all, lora_only"),
-    ({"init_lora_weights": "olora"}, "init_lora_weights='olora' is not supported"),
+    ({"init_lora_weights": "corda"}, "init_lora_weights='corda' is not supported"),
     ({"rank": 4}, "unknown option.*'rank' \\(did you mean 'r'\\?\\)"),
     ({"target_module": ["q"]}, "did you mean 'target_modules'"),
     ({"rank_pattern": {"q": 0}}, "rank_pattern\\['q'\\]=0 must be a positive integer"),

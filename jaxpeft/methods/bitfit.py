@@ -29,16 +29,15 @@ import numpy as np
 
 from jaxpeft import _contractions, _targets
 from jaxpeft._tracing import Layer, Trace, layer_kind
-from jaxpeft.config import PeftConfig, check, register_config, strict_options
-from jaxpeft.core import AdapterError, OwnParamCalls, register_method
-from jaxpeft.tree import register_adapter_keys
+from jaxpeft.config import PeftConfig, check, strict_options
+from jaxpeft.core import AdapterError, OwnParamCalls
+from jaxpeft.method import Method, register
 
 Path = tuple[str, ...]
 LAYER_KINDS = ("dense", "dense_general", "conv", "einsum")
 NORM_TYPES = ("LayerNorm",)
 
 
-@register_config
 @strict_options
 @dataclasses.dataclass
 class BitFitConfig(PeftConfig):
@@ -230,19 +229,7 @@ def merge_layer(config: BitFitConfig, layer_params: dict, leaves: dict, sign: fl
     return {"bias": bias.replace_boxed(merged) if isinstance(bias, nn.meta.AxisMetadata) else merged}
 
 
-class _BitFitMethod:
-    leaf_keys = ("bitfit_bias", "bitfit_active")
-
-    create = staticmethod(create)
-    interceptor = staticmethod(interceptor)
-    merge_layer = staticmethod(merge_layer)
-
-    @staticmethod
-    def trainable_keys(config):
-        return ("bitfit_bias",)
-
-
-METHOD = _BitFitMethod()
-register_method(BitFitConfig.peft_type, METHOD)
-register_adapter_keys(("bitfit_bias",), constant=("bitfit_active",),
-                      layouts={"bitfit_bias": ("bias",), "bitfit_active": ("stack",)})
+METHOD = register(Method(
+    config_class=BitFitConfig, leaf_keys=("bitfit_bias", "bitfit_active"), constant_keys=("bitfit_active",),
+    create=create, interceptor=interceptor, merge_layer=merge_layer, cli_name="bitfit",
+    leaf_layouts={"bitfit_bias": ("bias",), "bitfit_active": ("stack",)}))

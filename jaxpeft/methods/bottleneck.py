@@ -84,11 +84,10 @@ from jaxpeft.config import (
     is_finite_number,
     layer_indices,
     plain_number,
-    register_config,
     strict_options,
 )
-from jaxpeft.core import AdapterError, check_layers_exist, register_method
-from jaxpeft.tree import register_adapter_keys
+from jaxpeft.core import AdapterError, check_layers_exist
+from jaxpeft.method import Method, register
 
 Path = tuple[str, ...]
 KINDS = ("dense", "dense_general")
@@ -132,7 +131,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 Patterns = str | Sequence[str] | None
 
 
-@register_config
 @strict_options
 @dataclasses.dataclass
 class AdapterConfig(PeftConfig):
@@ -480,21 +478,9 @@ def interceptor(config: AdapterConfig, adapter_name: str, dropout: bool):
     return adapt
 
 
-class _BottleneckMethod:
-    """No ``merge_layer``: the adapter is non-linear, so ``merge`` raises an AdapterError."""
-
-    leaf_keys = TRAINABLE_KEYS + (SCALING_KEY,)
-
-    create = staticmethod(create)
-    interceptor = staticmethod(interceptor)
-
-    @staticmethod
-    def trainable_keys(config):
-        return TRAINABLE_KEYS
-
-
-METHOD = _BottleneckMethod()
-register_method(AdapterConfig.peft_type, METHOD)
-register_adapter_keys(TRAINABLE_KEYS, constant=(SCALING_KEY,), layouts={
-    "adapter_down_kernel": ("stack", "out", None), "adapter_down_bias": ("stack", None),
-    "adapter_up_kernel": ("stack", None, "out"), "adapter_up_bias": ("stack", "out"), SCALING_KEY: ("stack",)})
+# No merge_layer: the adapter is non-linear, so ``merge`` raises an AdapterError.
+METHOD = register(Method(
+    config_class=AdapterConfig, leaf_keys=TRAINABLE_KEYS + (SCALING_KEY,), constant_keys=(SCALING_KEY,),
+    create=create, interceptor=interceptor, cli_name="adapter", leaf_layouts={
+        "adapter_down_kernel": ("stack", "out", None), "adapter_down_bias": ("stack", None),
+        "adapter_up_kernel": ("stack", None, "out"), "adapter_up_bias": ("stack", "out"), SCALING_KEY: ("stack",)}))

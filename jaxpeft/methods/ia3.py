@@ -19,6 +19,7 @@ of its contractions, or their input.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -28,12 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft import _contractions
+from jaxpeft import _contractions, _layouts
 from jaxpeft._tracing import Layer, Trace, layer_kind, own_matrices
-from jaxpeft.config import PeftConfig, check, register_config, strict_options
-from jaxpeft.core import AdapterError, OwnParamCalls, own_param_leaves, register_method, resolve_layers
-from jaxpeft.tree import register_adapter_keys
+from jaxpeft.config import PeftConfig, check, strict_options
+from jaxpeft.core import AdapterError, OwnParamCalls, own_param_leaves, resolve_layers
+from jaxpeft.method import Method, register
 
+Path = tuple[str, ...]
 KINDS = ("dense", "dense_general", "conv", "einsum", "param")
 
 
@@ -52,7 +54,6 @@ DEFAULT_TARGETS = {
 }
 
 
-@register_config
 @strict_options
 @dataclasses.dataclass
 class IA3Config(PeftConfig):
@@ -326,18 +327,27 @@ def _rebox(original: Any, value: jax.Array) -> Any:
     return original.replace_boxed(value) if isinstance(original, nn.meta.AxisMetadata) else value
 
 
-class _IA3Method:
-    leaf_keys = ("ia3_l", "ia3_active")
-
-    create = staticmethod(create)
-    interceptor = staticmethod(interceptor)
-    merge_layer = staticmethod(merge_layer)
-
-    @staticmethod
-    def trainable_keys(config):
-        return ("ia3_l",)
+def task_defaults(config: IA3Config, model) -> dict[str, Any]:
+    """HF PEFT's targets (and feedforward modules) for the model's architecture when the config names none."""
+    model_type = model.config.model_type
+    if config.target_modules is not None or model_type not in DEFAULT_TARGETS:
+        return {}
+    targets, feedforward = DEFAULT_TARGETS[model_type]
+    return {"target_modules": targets} | ({"feedforward_modules": feedforward}
+                                         if config.feedforward_modules is None else {})
 
 
-METHOD = _IA3Method()
-register_method(IA3Config.peft_type, METHOD)
-register_adapter_keys(("ia3_l",), constant=("ia3_active",), layouts={"ia3_l": ("kernel",), "ia3_active": ("stack",)})
+def torch_tensors(config: Any, layer: Layer, name: str, shapes: dict[Path, tuple[int, ...]]) -> dict:
+    shape = shapes[("ia3_l",)]
+    size = math.prod(shape)
+    if layer.kind == "conv":
+        hf_shape = (1, size) + (1,) * (len(shape) - 2)
+    else:
+        hf_shape = (1, size) if config.is_feedforward(name) else (size, 1)
+    return {"ia3_l": (("ia3_l",), _layouts.reshape_layout(shape, hf_shape))}
+
+
+METHOD = register(Method(
+    config_class=IA3Config, leaf_keys=("ia3_l", "ia3_active"), constant_keys=("ia3_active",), create=create,
+    interceptor=interceptor, merge_layer=merge_layer, task_defaults=task_defaults, torch_tensors=torch_tensors,
+    leaf_layouts={"ia3_l": ("kernel",), "ia3_active": ("stack",)}))

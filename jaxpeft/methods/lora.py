@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft import _contractions, _targets
+from jaxpeft import _contractions, _layouts, _targets
 from jaxpeft._tracing import PARAM_SLOTS, TARGET_PARAMS, Layer, Trace, layer_kind, own_matrices
 from jaxpeft.config import (
     PeftConfig,
@@ -57,21 +57,20 @@ from jaxpeft.config import (
     is_positive_int,
     layer_indices,
     plain_number,
-    register_config,
     strict_options,
 )
 from jaxpeft.core import (
     AdapterError,
     OwnParamCalls,
     own_param_leaves,
-    register_method,
     resolve_layers,
     resolve_parameters,
 )
+from jaxpeft.method import Method, register
 from jaxpeft.quantization import QuantizationConfig, QuantizedArray, dequantize, is_quantized, quantize_array
-from jaxpeft.tree import register_adapter_keys
 
-INIT_OPTIONS = (True, False, "gaussian", "pissa", "loftq")
+Path = tuple[str, ...]
+INIT_OPTIONS = (True, False, "gaussian", "pissa", "olora", "loftq")
 PISSA_NITER_PREFIX = "pissa_niter_"
 BIAS_OPTIONS = ("none", "all", "lora_only")
 KINDS = ("dense", "dense_general", "embed", "conv", "einsum", "param")
@@ -85,7 +84,6 @@ MAGNITUDE = "lora_magnitude_vector"
 _RANK = "\u03c1"  # the rank axis in einsum specs: a letter no layer spec uses
 
 
-@register_config
 @strict_options
 @dataclasses.dataclass
 class LoraConfig(PeftConfig):
@@ -110,8 +108,9 @@ class LoraConfig(PeftConfig):
         init_lora_weights: True (kaiming-uniform A, zero B: the model starts unchanged), ``"gaussian"``
             (A ~ N(0, (1/r)^2), zero B), False (B random too: for tests), ``"pissa"`` (A and B from the kernel's r
             principal singular components, the kernel keeps the residual) or ``"pissa_niter_<n>"`` (the same with a
-            randomized SVD of n power iterations), ``"loftq"`` (the kernel is quantized, A and B take the rank-r
-            SVD of the quantization error: see ``loftq_config``).
+            randomized SVD of n power iterations), ``"olora"`` (A and B from the QR decomposition of the weight,
+            the kernel keeps the residual, as HF PEFT's OLoRA), ``"loftq"`` (the kernel is quantized, A and B take
+            the rank-r SVD of the quantization error: see ``loftq_config``).
         loftq_config: with ``init_lora_weights="loftq"``, ``{"loftq_bits": 4, "loftq_iter": 1}`` (HF PEFT's
             names and defaults): 4 bits quantize to nf4, 8 bits to per-channel int8; ``loftq_iter`` alternations
             of quantizing and the SVD. Ignored (emptied, with a warning) for other initialisations, as in HF PEFT.
@@ -160,7 +159,7 @@ class LoraConfig(PeftConfig):
         check(self.bias in BIAS_OPTIONS, f"bias={self.bias!r} is unknown; use one of {', '.join(BIAS_OPTIONS)}")
         check(self.init_lora_weights in INIT_OPTIONS or _pissa_niter(self.init_lora_weights) is not None,
               f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False, 'gaussian', "
-              "'pissa', 'pissa_niter_<n>' or 'loftq'")
+              "'pissa', 'pissa_niter_<n>', 'olora' or 'loftq'")
         self.loftq_config = _loftq_options(self.init_lora_weights, self.loftq_config)
         check(not self.lora_bias, "lora_bias=True is not supported; use lora_bias=False")
         for name in ("rank_pattern", "alpha_pattern"):
@@ -214,8 +213,9 @@ def _pissa_niter(init: Any) -> int | None:
     return int(digits) if digits.isdigit() and int(digits) > 0 else None
 
 
-def _is_pissa(config: LoraConfig) -> bool:
-    return config.init_lora_weights == "pissa" or _pissa_niter(config.init_lora_weights) is not None
+def _decomposes_kernel(config: LoraConfig) -> bool:
+    """Whether A and B come from a decomposition of the kernel, which keeps the residual (PiSSA, OLoRA)."""
+    return config.init_lora_weights in ("pissa", "olora") or _pissa_niter(config.init_lora_weights) is not None
 
 
 def _is_loftq(config: LoraConfig) -> bool:
@@ -284,9 +284,10 @@ def _create_layer(key: jax.Array, config: LoraConfig, layer: Layer, dtype: Any) 
     if config.use_dora and layer.kind not in DORA_KINDS:
         raise AdapterError(f"DoRA cannot adapt {layer.name} (a {type(layer.module).__name__}); it adapts "
                            f"{', '.join(DORA_KINDS)} layers: exclude it or set use_dora=False")
-    if _is_pissa(config) and layer.kind not in PISSA_KINDS:
-        raise AdapterError(f"PiSSA cannot initialise {layer.name} (a {type(layer.module).__name__}); it needs "
-                           f"{', '.join(PISSA_KINDS)} layers: exclude it or use another init_lora_weights")
+    if _decomposes_kernel(config) and layer.kind not in PISSA_KINDS:
+        raise AdapterError(f"init_lora_weights={config.init_lora_weights!r} cannot initialise {layer.name} (a "
+                           f"{type(layer.module).__name__}); it needs {', '.join(PISSA_KINDS)} layers: exclude it or "
+                           "use another init_lora_weights")
     if _is_loftq(config) and layer.kind not in LOFTQ_KINDS:
         raise AdapterError(f"LoftQ cannot initialise {layer.name} (a {type(layer.module).__name__}); it needs "
                            f"{', '.join(LOFTQ_KINDS)} layers: exclude it or use another init_lora_weights")
@@ -359,6 +360,8 @@ def _output_norm(weight: jax.Array, stack_ndim: int, n_out: int) -> jax.Array:
 def _pissa_factors(key: jax.Array, config: LoraConfig, weight: jax.Array, scaling: jax.Array, rank: int):
     """PiSSA's A ``(..., n_in, r)`` and B ``(..., r, n_out)`` of float32 matrices ``weight`` ``(..., n_in, n_out)``
     (HF PEFT's ``pissa_init`` on ``W = weight.T``), ``scaling`` broadcast over the leading axes (0: left alone)."""
+    if config.init_lora_weights == "olora":
+        return _olora_factors(weight, scaling, rank)
     niter = _pissa_niter(config.init_lora_weights)
     if niter is None:
         u, s, vh = jnp.linalg.svd(weight, full_matrices=False)
@@ -368,6 +371,16 @@ def _pissa_factors(key: jax.Array, config: LoraConfig, weight: jax.Array, scalin
     active = scaling != 0
     root = jnp.where(active[..., None], jnp.sqrt(s / jnp.where(active, scaling, 1.0)[..., None]), 0.0)
     return u * root[..., None, :], root[..., :, None] * vh
+
+
+def _olora_factors(weight: jax.Array, scaling: jax.Array, rank: int):
+    """OLoRA's A and B (HF PEFT's ``olora_init``): the first ``rank`` columns of Q and rows of R in the QR
+    decomposition of the torch weight ``W = weight.T``, B = Q_r and A = R_r (not divided by the scaling, as in HF
+    PEFT); layers with scaling 0 get zeros."""
+    q, r = jnp.linalg.qr(jnp.swapaxes(weight, -1, -2))
+    active = (scaling != 0)[..., None, None]
+    return jnp.where(active, jnp.swapaxes(r[..., :rank, :], -1, -2), 0.0), jnp.where(
+        active, jnp.swapaxes(q[..., :, :rank], -1, -2), 0.0)
 
 
 def _pissa(key: jax.Array, config: LoraConfig, a: jax.Array, b: jax.Array, scaling: jax.Array,
@@ -468,7 +481,7 @@ def finish(key: jax.Array, config: LoraConfig, trace: Trace, leaves: dict, flat_
     """The leaves and base params after the steps that need the kernels' values: PiSSA's SVD (which also replaces
     the kernel by its residual), LoftQ (which replaces the kernel by its quantized part) and DoRA's magnitude
     ``||W + scaling * A B||``. Neither input is changed."""
-    if not (config.use_dora or _is_pissa(config) or _is_loftq(config)):
+    if not (config.use_dora or _decomposes_kernel(config) or _is_loftq(config)):
         return leaves, flat_params
     leaves, flat_params = dict(leaves), dict(flat_params)
     for i, path in enumerate(sorted({path for path, _ in leaves})):
@@ -481,7 +494,7 @@ def finish(key: jax.Array, config: LoraConfig, trace: Trace, leaves: dict, flat_
         kernel = jnp.asarray(nn.meta.unbox(boxed))
         a, b, scaling = (leaves[(path, k)] for k in ("lora_A", "lora_B", "lora_scaling"))
         if follows_parameter:
-            if _is_pissa(config):
+            if _decomposes_kernel(config):
                 a, b, kernel = _param_pissa(jax.random.fold_in(key, i), config, a, b, scaling, kernel)
                 leaves[(path, "lora_A")], leaves[(path, "lora_B")] = a, b
                 flat_params[weight_path] = (boxed.replace_boxed(kernel) if isinstance(boxed, nn.meta.AxisMetadata)
@@ -491,7 +504,7 @@ def finish(key: jax.Array, config: LoraConfig, trace: Trace, leaves: dict, flat_
                 changed = kernel.astype(jnp.float32) + param_delta(a, b, scaling)
                 leaves[(path, MAGNITUDE)] = _param_norm(changed, magnitude).astype(magnitude.dtype)
             continue
-        if _is_pissa(config):
+        if _decomposes_kernel(config):
             a, b, kernel = _pissa(jax.random.fold_in(key, i), config, a, b, scaling, kernel)
             leaves[(path, "lora_A")], leaves[(path, "lora_B")] = a, b
             flat_params[path + ("kernel",)] = (boxed.replace_boxed(kernel) if isinstance(boxed, nn.meta.AxisMetadata)
@@ -852,24 +865,87 @@ def unmerge_layer(config: LoraConfig, layer_params: dict, leaves: dict, original
     return {"kernel": kernel.replace_boxed(restored) if isinstance(kernel, nn.meta.AxisMetadata) else restored}
 
 
-class _LoraMethod:
-    leaf_keys = ("lora_A", "lora_B", "lora_scaling")
-    optional_leaf_keys = (MAGNITUDE,)
+# ----- defaults and HF PEFT tensors -----
 
-    create = staticmethod(create)
-    finish = staticmethod(finish)
-    interceptor = staticmethod(interceptor)
-    mixed_interceptor = staticmethod(mixed_interceptor)
-    merge_layer = staticmethod(merge_layer)
-    unmerge_layer = staticmethod(unmerge_layer)
-
-    @staticmethod
-    def trainable_keys(config):
-        return ("lora_A", "lora_B", MAGNITUDE) if config.use_dora else ("lora_A", "lora_B")
+def task_defaults(config: LoraConfig, model) -> dict[str, Any]:
+    """The architecture's default ``target_modules`` when the config names none (and no ``target_parameters``)."""
+    if config.target_modules is None and config.target_parameters is None:
+        return {"target_modules": list(model.family.default_lora_targets)}
+    return {}
 
 
-METHOD = _LoraMethod()
-register_method(LoraConfig.peft_type, METHOD)
-register_adapter_keys(("lora_A", "lora_B", MAGNITUDE), constant=("lora_scaling",),
-                      layouts={"lora_A": ("stack", "in", None), "lora_B": ("stack", None, "out"),
-                               "lora_scaling": ("stack",), MAGNITUDE: ("stack", "out")})
+def _lora_layout(kind: str, factor: str, jax_shape: tuple[int, ...], window_ndim: int = 0):
+    """(torch shape, to_hf, from_hf) of one layer's ``lora_A`` or ``lora_B``."""
+    if kind == "conv" and factor == "lora_A":  # (*window, in, r) -> [r, in, *window]
+        n = len(jax_shape)
+        return _layouts.transpose_layout(jax_shape, (n - 1, n - 2, *range(n - 2)))
+    if kind == "conv":  # (r, out) -> [out, r, 1, ...]: a 1x...x1 convolution
+        rank, out = jax_shape
+        ones = (1,) * window_ndim
+        return (out, rank) + ones, lambda x: x.T.reshape((out, rank) + ones), lambda t: t.reshape(out, rank).T
+    if factor == "lora_A":
+        return _layouts.matrix_layout(jax_shape, len(jax_shape) - 1, transpose=True)
+    return _layouts.matrix_layout(jax_shape, 1, transpose=True)
+
+
+def _magnitude_layout(kind: str, jax_shape: tuple[int, ...], window_ndim: int):
+    """(torch shape, to_hf, from_hf) of one layer's DoRA magnitude ``(*output axes)``."""
+    if kind == "conv":  # (out,) -> [1, out, 1, ...]
+        return _layouts.reshape_layout(jax_shape, (1,) + tuple(jax_shape) + (1,) * window_ndim)
+    return _layouts.plain_layout(jax_shape, flat=True)
+
+
+def torch_tensors(config: Any, layer: Layer, name: str, shapes: dict[Path, tuple[int, ...]]) -> dict:
+    del config, name
+    a_shape = shapes[("lora_A",)]
+    window_ndim = len(a_shape) - 2
+    embed = layer.kind == "embed"
+    tensors = {
+        "lora_embedding_A" if embed else "lora_A.weight": (("lora_A",), _lora_layout(layer.kind, "lora_A", a_shape)),
+        "lora_embedding_B" if embed else "lora_B.weight": (
+            ("lora_B",), _lora_layout(layer.kind, "lora_B", shapes[("lora_B",)], window_ndim)),
+    }
+    if (MAGNITUDE,) in shapes:
+        tensors[MAGNITUDE] = ((MAGNITUDE,), _magnitude_layout(layer.kind, shapes[(MAGNITUDE,)], window_ndim))
+    return tensors
+
+
+def _param_factor_layout(roles: tuple[str, ...], factor: str, jax_shape: tuple[int, ...]):
+    """(torch shape, to_hf, from_hf) of LoRA's A or B on one parameter, as HF PEFT's ``ParamWrapper`` keeps them:
+    A ``[experts * r, in]`` (rows expert by expert), B ``[out, r * experts]`` (columns rank by rank); without
+    leading expert axes, a Linear's ``[r, in]`` and ``[out, r]``. jaxpeft keeps both in the parameter's axis order
+    (size 1 where they do not vary), then the rank."""
+    dropped = "out" if factor == "lora_A" else "in"
+    kept = [i for i, role in enumerate(roles) if role != dropped]
+    groups = {role: [kept.index(i) for i, r in enumerate(roles) if r == role and i in kept]
+              for role in ("batch", "in", "out")}
+    rank_axis = len(kept)
+    order = (groups["batch"] + [rank_axis] + groups["in"] if factor == "lora_A"
+             else groups["out"] + [rank_axis] + groups["batch"])
+    squeezed = tuple(jax_shape[i] for i in kept) + (jax_shape[-1],)
+    moved = tuple(squeezed[i] for i in order)
+    split = 1 + len(groups["batch"]) if factor == "lora_A" else len(groups["out"])
+    hf_shape = (math.prod(moved[:split]), math.prod(moved[split:]))
+    inverse = tuple(np.argsort(order))
+
+    def to_hf(x):
+        return np.transpose(x.reshape(squeezed), order).reshape(hf_shape)
+
+    def from_hf(t):
+        return np.transpose(np.asarray(t).reshape(moved), inverse).reshape(jax_shape)
+
+    return hf_shape, to_hf, from_hf
+
+
+def torch_param_tensors(layer: Layer, shapes: dict[Path, tuple[int, ...]]) -> dict:
+    return {f"{factor}.weight": ((factor,), _param_factor_layout(layer.roles, factor, shapes[(factor,)]))
+            for factor in ("lora_A", "lora_B")}
+
+
+METHOD = register(Method(
+    config_class=LoraConfig, leaf_keys=("lora_A", "lora_B", "lora_scaling"), optional_leaf_keys=(MAGNITUDE,),
+    constant_keys=("lora_scaling",), create=create, finish=finish, interceptor=interceptor,
+    mixed_interceptor=mixed_interceptor, merge_layer=merge_layer, unmerge_layer=unmerge_layer,
+    task_defaults=task_defaults, torch_tensors=torch_tensors, torch_param_tensors=torch_param_tensors,
+    leaf_layouts={"lora_A": ("stack", "in", None), "lora_B": ("stack", None, "out"), "lora_scaling": ("stack",),
+                  MAGNITUDE: ("stack", "out")}))

@@ -66,11 +66,11 @@ from jaxpeft.config import (
     check,
     is_positive_int,
     model_dimensions,
-    register_config,
     strict_options,
 )
-from jaxpeft.core import AdapterError, register_method, virtual_token_advice
-from jaxpeft.tree import flatten, register_adapter_keys, unflatten_like
+from jaxpeft.core import AdapterError, virtual_token_advice
+from jaxpeft.method import Method, register
+from jaxpeft.tree import flatten, unflatten_like
 
 TABLE = "prefix_kv_table"
 EMBEDDING = "prefix_embedding"
@@ -102,7 +102,6 @@ def _accepts_prefix_length(cls):
     return cls
 
 
-@register_config
 @_accepts_prefix_length
 @strict_options
 @dataclasses.dataclass
@@ -452,20 +451,6 @@ def leaves_from_hf(config: PrefixTuningConfig, tensors: dict, variables: Any, ad
     return {**variables, "params": params} if isinstance(variables, dict) else variables.copy({"params": params})
 
 
-class _PrefixTuningMethod:
-    leaf_keys = LEAF_KEYS
-
-    create = staticmethod(create)
-    prepare = staticmethod(prepare)
-    call = staticmethod(call)
-    hf_tensors = staticmethod(hf_tensors)
-    leaves_from_hf = staticmethod(leaves_from_hf)
-
-    @staticmethod
-    def trainable_keys(config):
-        return LEAF_KEYS
-
-
-METHOD = _PrefixTuningMethod()
-register_method(PrefixTuningConfig.peft_type, METHOD)
-register_adapter_keys(LEAF_KEYS)
+METHOD = register(Method(
+    config_class=PrefixTuningConfig, leaf_keys=LEAF_KEYS, create=create, prepare=prepare, call=call,
+    hf_tensors=hf_tensors, leaves_from_hf=leaves_from_hf, cli_name="prefix"))

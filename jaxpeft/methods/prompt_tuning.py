@@ -59,11 +59,11 @@ from jaxpeft.config import (
     check,
     is_positive_int,
     model_dimensions,
-    register_config,
     strict_options,
 )
-from jaxpeft.core import AdapterError, register_method, virtual_token_advice
-from jaxpeft.tree import flatten, register_adapter_keys, unflatten_like
+from jaxpeft.core import AdapterError, virtual_token_advice
+from jaxpeft.method import Method, register
+from jaxpeft.tree import flatten, unflatten_like
 
 LEAF_KEY = "prompt_embeddings"
 INIT_OPTIONS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
@@ -108,7 +108,6 @@ def _accepts_prompt_length(cls):
     return cls
 
 
-@register_config
 @_accepts_prompt_length
 @strict_options
 @dataclasses.dataclass
@@ -423,21 +422,6 @@ def leaves_from_hf(config: PromptTuningConfig, tensors: dict, variables: Any, ad
     return {**variables, "params": params} if isinstance(variables, dict) else variables.copy({"params": params})
 
 
-class _PromptTuningMethod:
-    leaf_keys = (LEAF_KEY,)
-
-    create = staticmethod(create)
-    finish = staticmethod(finish)
-    prepare = staticmethod(prepare)
-    call = staticmethod(call)
-    hf_tensors = staticmethod(hf_tensors)
-    leaves_from_hf = staticmethod(leaves_from_hf)
-
-    @staticmethod
-    def trainable_keys(config):
-        return (LEAF_KEY,)
-
-
-METHOD = _PromptTuningMethod()
-register_method(PromptTuningConfig.peft_type, METHOD)
-register_adapter_keys((LEAF_KEY,))
+METHOD = register(Method(
+    config_class=PromptTuningConfig, leaf_keys=(LEAF_KEY,), create=create, finish=finish, prepare=prepare,
+    call=call, hf_tensors=hf_tensors, leaves_from_hf=leaves_from_hf, cli_name="prompt"))

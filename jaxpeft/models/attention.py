@@ -68,13 +68,6 @@ def init_cache(spec: CacheSpec, batch_size: int, max_length: int) -> KVCache:
     return KVCache(layers=layers, index=jnp.zeros((), jnp.int32))
 
 
-def layer_caches(cache: KVCache | None, num_layers: int) -> list:
-    """The per-layer caches of an unscanned stack (``None`` for each layer when there is no cache)."""
-    if cache is None:
-        return [None] * num_layers
-    return list(cache.layers)
-
-
 def make_attention_mask(
     key_mask: jax.Array,
     query_length: int,
@@ -342,16 +335,51 @@ def prepare_decoder_inputs(
     return mask, position_ids, cache_index
 
 
-def pool_last_non_pad(hidden: jax.Array, input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
-    """Hidden state of each row's rightmost token that is not ``pad_token_id`` (transformers' decoder pooling).
+def token_ids_of(input_ids, inputs_embeds):
+    """``input_ids``, or zeros of the ``(batch, seq)`` shape that ``inputs_embeds`` stands for (used for shapes)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    return input_ids if inputs_embeds is None else jnp.zeros(inputs_embeds.shape[:2], jnp.int32)
 
-    Without a ``pad_token_id`` the last position is taken.
+
+def pool_last_token(
+    hidden: jax.Array, input_ids: jax.Array | None, attention_mask: jax.Array | None, pad_token_id: int | None
+) -> jax.Array:
+    """Hidden state of each row's last token: the last that ``attention_mask`` keeps when there is a mask (right
+    or left padding, whatever id pads), else the last that is not ``pad_token_id`` (transformers' decoder pooling),
+    else (no ``input_ids`` or no pad token) the last position.
+
+    Example:
+        >>> hidden = jnp.arange(4.0)[None, :, None]
+        >>> ids = jnp.array([[5, 6, 9, 9]])
+        >>> [float(pool_last_token(hidden, ids, mask, 0)[0, 0]) for mask in (jnp.array([[1, 1, 0, 0]]), None)]
+        [1.0, 3.0]
+        >>> float(pool_last_token(hidden, ids, None, 9)[0, 0])
+        1.0
     """
-    if pad_token_id is None:
+    if attention_mask is not None:
+        is_token = jnp.asarray(attention_mask) != 0
+    elif input_ids is not None and pad_token_id is not None:
+        is_token = jnp.asarray(input_ids) != pad_token_id
+    else:
         return hidden[:, -1]
-    positions = jnp.arange(input_ids.shape[1])
-    last = jnp.argmax(positions * (input_ids != pad_token_id), axis=-1)
+    positions = jnp.arange(hidden.shape[1])
+    last = jnp.argmax(positions * is_token, axis=-1)
     return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
+def dense(config, features: int, axes: tuple, name: str, dtype, param_dtype, use_bias: bool = True) -> nn.Dense:
+    """A decoder's ``nn.Dense`` initialised like transformers' ``nn.Linear`` (normal(``initializer_range``)
+    kernel, zero bias), its parameters annotated with the logical ``axes`` (kernel) and ``axes[-1]`` (bias)."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=logical(nn.initializers.normal(config.initializer_range), *axes),
+        bias_init=logical(nn.initializers.zeros_init(), axes[-1]),
+        name=name,
+    )
 
 
 def logical(init, *axes: str | None):

@@ -8,14 +8,15 @@ layers are one scanned module ``encoder/layer`` whose parameters have a leading 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpeft.models import activations, attention, encoder_layers
+from jaxpeft.models import activations, attention, encoder_layers, heads
 from jaxpeft.models.encoder_layers import Dtype, EncoderOutput, EncoderSettings
-from jaxpeft.models.family import ModelFamily, ModelOutput
+from jaxpeft.models.family import ModelFamily
 
 
 def bert_settings(config: Any) -> EncoderSettings:
@@ -295,7 +296,7 @@ class BertModel(nn.Module):
         return EncoderOutput(last_hidden_state=hidden_states, pooler_output=pooled)
 
 
-class BertForSequenceClassification(nn.Module):
+class BertForSequenceClassification(heads.EncoderHead):
     """BERT with ``classifier`` on the dropped-out pooler output (torch ``BertForSequenceClassification``).
 
     Example:
@@ -311,49 +312,20 @@ class BertForSequenceClassification(nn.Module):
         (1, 3)
     """
 
-    config: Any
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str | None = None
+    base_model_cls: ClassVar[type] = BertModel
+    backbone_name: ClassVar[str] = "bert"
+    settings_of = staticmethod(bert_settings)
 
     def setup(self):
-        settings = bert_settings(self.config)
-        self.bert = BertModel(
-            config=self.config,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            scan_layers=self.scan_layers,
-            remat_policy=self.remat_policy,
-            name="bert",
-        )
-        self.dropout = nn.Dropout(settings.classifier_dropout)
-        self.classifier = encoder_layers.dense(
-            settings.num_labels, "classifier", ("embed", None), settings, self.dtype, self.param_dtype
-        )
+        super().setup()
+        self.dropout = nn.Dropout(self.settings.classifier_dropout)
+        self.classifier = self.dense(self.settings.num_labels, "classifier")
 
-    def embed_input_ids(self, input_ids):
-        """The word embeddings of ``input_ids`` (what ``inputs_embeds`` replaces)."""
-        return self.bert.embed_input_ids(input_ids)
-
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        deterministic: bool = True,
-        prefix_key_values=None,
-        inputs_embeds=None,
-    ) -> ModelOutput:
-        outputs = self.bert(
-            input_ids, attention_mask, token_type_ids, position_ids, deterministic, prefix_key_values, inputs_embeds
-        )
-        pooled = self.dropout(outputs.pooler_output, deterministic=deterministic)
-        return ModelOutput(logits=self.classifier(pooled), last_hidden_state=outputs.last_hidden_state)
+    def head_logits(self, outputs, deterministic: bool):
+        return self.classifier(self.dropout(outputs.pooler_output, deterministic=deterministic))
 
 
-class BertForTokenClassification(nn.Module):
+class BertForTokenClassification(heads.EncoderForTokenClassification):
     """BERT without pooler, ``classifier`` on every token (torch ``BertForTokenClassification``).
 
     Example:
@@ -369,47 +341,10 @@ class BertForTokenClassification(nn.Module):
         (1, 4, 5)
     """
 
-    config: Any
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str | None = None
-
-    def setup(self):
-        settings = bert_settings(self.config)
-        self.bert = BertModel(
-            config=self.config,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            scan_layers=self.scan_layers,
-            remat_policy=self.remat_policy,
-            add_pooling_layer=False,
-            name="bert",
-        )
-        self.dropout = nn.Dropout(settings.classifier_dropout)
-        self.classifier = encoder_layers.dense(
-            settings.num_labels, "classifier", ("embed", None), settings, self.dtype, self.param_dtype
-        )
-
-    def embed_input_ids(self, input_ids):
-        """The word embeddings of ``input_ids`` (what ``inputs_embeds`` replaces)."""
-        return self.bert.embed_input_ids(input_ids)
-
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        deterministic: bool = True,
-        prefix_key_values=None,
-        inputs_embeds=None,
-    ) -> ModelOutput:
-        outputs = self.bert(
-            input_ids, attention_mask, token_type_ids, position_ids, deterministic, prefix_key_values, inputs_embeds
-        )
-        hidden_states = self.dropout(outputs.last_hidden_state, deterministic=deterministic)
-        return ModelOutput(logits=self.classifier(hidden_states), last_hidden_state=outputs.last_hidden_state)
+    base_model_cls: ClassVar[type] = BertModel
+    backbone_name: ClassVar[str] = "bert"
+    backbone_options: ClassVar[Mapping[str, Any]] = {"add_pooling_layer": False}
+    settings_of = staticmethod(bert_settings)
 
 
 CHECKPOINT_LAYOUT = encoder_layers.CheckpointLayout(

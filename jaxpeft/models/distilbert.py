@@ -7,14 +7,14 @@ embeddings and no pooler; ``token_type_ids`` is accepted for a call signature sh
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpeft.models import activations, attention, encoder_layers
+from jaxpeft.models import activations, attention, encoder_layers, heads
 from jaxpeft.models.encoder_layers import Dtype, EncoderOutput, EncoderSettings
-from jaxpeft.models.family import ModelFamily, ModelOutput
+from jaxpeft.models.family import ModelFamily
 
 # torch DistilBERT hard-codes the epsilon of all its LayerNorms.
 _LAYER_NORM_EPS = 1e-12
@@ -210,7 +210,7 @@ class DistilBertModel(nn.Module):
         return EncoderOutput(last_hidden_state=hidden_states)
 
 
-class DistilBertForSequenceClassification(nn.Module):
+class DistilBertForSequenceClassification(heads.EncoderHead):
     """First token -> ``pre_classifier`` -> ReLU -> dropout -> ``classifier`` (torch
     ``DistilBertForSequenceClassification``).
 
@@ -226,51 +226,22 @@ class DistilBertForSequenceClassification(nn.Module):
         (1, 3)
     """
 
-    config: Any
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str | None = None
+    base_model_cls: ClassVar[type] = DistilBertModel
+    backbone_name: ClassVar[str] = "distilbert"
+    settings_of = staticmethod(distilbert_settings)
 
     def setup(self):
-        settings, dtypes = distilbert_settings(self.config), (self.dtype, self.param_dtype)
-        self.distilbert = DistilBertModel(
-            config=self.config,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            scan_layers=self.scan_layers,
-            remat_policy=self.remat_policy,
-            name="distilbert",
-        )
-        self.pre_classifier = encoder_layers.dense(
-            settings.hidden_size, "pre_classifier", ("embed", None), settings, *dtypes
-        )
-        self.dropout = nn.Dropout(settings.classifier_dropout)
-        self.classifier = encoder_layers.dense(settings.num_labels, "classifier", ("embed", None), settings, *dtypes)
+        super().setup()
+        self.pre_classifier = self.dense(self.settings.hidden_size, "pre_classifier")
+        self.dropout = nn.Dropout(self.settings.classifier_dropout)
+        self.classifier = self.dense(self.settings.num_labels, "classifier")
 
-    def embed_input_ids(self, input_ids):
-        """The word embeddings of ``input_ids`` (what ``inputs_embeds`` replaces)."""
-        return self.distilbert.embed_input_ids(input_ids)
-
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        deterministic: bool = True,
-        prefix_key_values=None,
-        inputs_embeds=None,
-    ) -> ModelOutput:
-        outputs = self.distilbert(
-            input_ids, attention_mask, token_type_ids, position_ids, deterministic, prefix_key_values, inputs_embeds
-        )
+    def head_logits(self, outputs, deterministic: bool):
         pooled = nn.relu(self.pre_classifier(outputs.last_hidden_state[:, 0]))
-        pooled = self.dropout(pooled, deterministic=deterministic)
-        return ModelOutput(logits=self.classifier(pooled), last_hidden_state=outputs.last_hidden_state)
+        return self.classifier(self.dropout(pooled, deterministic=deterministic))
 
 
-class DistilBertForTokenClassification(nn.Module):
+class DistilBertForTokenClassification(heads.EncoderForTokenClassification):
     """DistilBERT with dropout and ``classifier`` on every token (torch ``DistilBertForTokenClassification``).
 
     Example:
@@ -285,46 +256,10 @@ class DistilBertForTokenClassification(nn.Module):
         (1, 4, 5)
     """
 
-    config: Any
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str | None = None
-
-    def setup(self):
-        settings = distilbert_settings(self.config)
-        self.distilbert = DistilBertModel(
-            config=self.config,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            scan_layers=self.scan_layers,
-            remat_policy=self.remat_policy,
-            name="distilbert",
-        )
-        self.dropout = nn.Dropout(settings.hidden_dropout)
-        self.classifier = encoder_layers.dense(
-            settings.num_labels, "classifier", ("embed", None), settings, self.dtype, self.param_dtype
-        )
-
-    def embed_input_ids(self, input_ids):
-        """The word embeddings of ``input_ids`` (what ``inputs_embeds`` replaces)."""
-        return self.distilbert.embed_input_ids(input_ids)
-
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        deterministic: bool = True,
-        prefix_key_values=None,
-        inputs_embeds=None,
-    ) -> ModelOutput:
-        outputs = self.distilbert(
-            input_ids, attention_mask, token_type_ids, position_ids, deterministic, prefix_key_values, inputs_embeds
-        )
-        hidden_states = self.dropout(outputs.last_hidden_state, deterministic=deterministic)
-        return ModelOutput(logits=self.classifier(hidden_states), last_hidden_state=outputs.last_hidden_state)
+    base_model_cls: ClassVar[type] = DistilBertModel
+    backbone_name: ClassVar[str] = "distilbert"
+    settings_of = staticmethod(distilbert_settings)
+    dropout_setting: ClassVar[str] = "hidden_dropout"
 
 
 CHECKPOINT_LAYOUT = encoder_layers.CheckpointLayout(

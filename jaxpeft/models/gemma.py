@@ -47,7 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.models import activations, attention, hub, llama
+from jaxpeft.models import activations, attention, heads, hub, llama
 from jaxpeft.models.family import ModelFamily, ModelOutput
 
 MODEL_TYPES = ("gemma2", "gemma3_text")
@@ -261,7 +261,7 @@ class GemmaModel(nn.Module):
         inputs_embeds=None,
     ) -> ModelOutput:
         config = self.config
-        token_ids = llama._token_ids(input_ids, inputs_embeds)
+        token_ids = attention.token_ids_of(input_ids, inputs_embeds)
         num_prefix = attention.check_prefix_key_values(
             prefix_key_values,
             config.num_hidden_layers,
@@ -300,53 +300,16 @@ class GemmaForSequenceClassification(llama.LlamaForSequenceClassification):
     base_model_cls: ClassVar[type] = GemmaModel
 
 
-class GemmaForTokenClassification(nn.Module):
+class GemmaForTokenClassification(heads.DecoderForTokenClassification):
     """The decoder with dropout and a ``score`` layer on every token (transformers' ``Gemma2ForTokenClassification``;
     it has none for ``gemma3_text``)."""
 
-    config: Any
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str | None = None
+    base_model_cls: ClassVar[type] = GemmaModel
 
     def setup(self):
-        config = self.config
-        if config.model_type != "gemma2":
-            raise ValueError(f"transformers has no token classification class for {config.model_type!r}.")
-        self.model = GemmaModel(config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy)
-        self.dropout = nn.Dropout(classifier_dropout_of(config))
-        use_bias = getattr(config, "token_classification_bias", True)
-        self.score = llama._dense(
-            config, config.num_labels, ("embed", None), "score", self.dtype, self.param_dtype, use_bias=use_bias
-        )
-
-    def embed_input_ids(self, input_ids):
-        """The token embeddings of ``input_ids`` (what ``inputs_embeds`` replaces)."""
-        return self.model.embed_input_ids(input_ids)
-
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        prefix_key_values=None,
-        deterministic=True,
-        inputs_embeds=None,
-    ) -> ModelOutput:
-        hidden = self.model(
-            input_ids, attention_mask, position_ids, None, prefix_key_values, deterministic, inputs_embeds
-        ).last_hidden_state
-        logits = self.score(self.dropout(hidden, deterministic=deterministic))
-        return ModelOutput(logits=logits, last_hidden_state=hidden)
-
-
-def classifier_dropout_of(config) -> float:
-    """The token classifier's dropout: ``classifier_dropout``, else ``hidden_dropout``, else 0.1 (transformers)."""
-    for name in ("classifier_dropout", "hidden_dropout"):
-        if getattr(config, name, None) is not None:
-            return getattr(config, name)
-    return 0.1
+        if self.config.model_type != "gemma2":
+            raise ValueError(f"transformers has no token classification class for {self.config.model_type!r}.")
+        super().setup()
 
 
 FAMILY = ModelFamily(

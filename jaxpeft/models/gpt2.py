@@ -14,12 +14,13 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpeft.models import activations, attention, hub
+from jaxpeft.models import activations, attention, heads, hub
+from jaxpeft.models.attention import dense as _dense
 from jaxpeft.models.family import ModelFamily, ModelOutput
 
 
@@ -39,19 +40,6 @@ def cache_spec(config, scan_layers: bool, dtype) -> attention.CacheSpec:
     return attention.CacheSpec(config.n_layer, config.n_head, config.n_embd // config.n_head, scan_layers, dtype)
 
 
-def _dense(config, features: int, axes: tuple, name: str, dtype, param_dtype, use_bias: bool = True) -> nn.Dense:
-    init = nn.initializers.normal(config.initializer_range)
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=attention.logical(init, *axes),
-        bias_init=attention.logical(nn.initializers.zeros_init(), axes[-1]),
-        name=name,
-    )
-
-
 def _layer_norm(config, name: str, dtype, param_dtype) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=config.layer_norm_epsilon,
@@ -61,13 +49,6 @@ def _layer_norm(config, name: str, dtype, param_dtype) -> nn.LayerNorm:
         bias_init=attention.logical(nn.initializers.zeros_init(), "embed"),
         name=name,
     )
-
-
-def _token_ids(input_ids, inputs_embeds):
-    """``input_ids``, or zeros of the ``(batch, seq)`` shape that ``inputs_embeds`` stands for (used for shapes)."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("pass exactly one of input_ids and inputs_embeds")
-    return input_ids if inputs_embeds is None else jnp.zeros(inputs_embeds.shape[:2], jnp.int32)
 
 
 def _module_kind(name: str) -> str:
@@ -234,7 +215,7 @@ class GPT2Model(nn.Module):
         inputs_embeds=None,
     ) -> ModelOutput:
         config = self.config
-        token_ids = _token_ids(input_ids, inputs_embeds)
+        token_ids = attention.token_ids_of(input_ids, inputs_embeds)
         batch_size = token_ids.shape[0]
         num_prefix = attention.check_prefix_key_values(
             prefix_key_values, config.n_layer, batch_size, config.n_head, config.n_embd // config.n_head
@@ -257,92 +238,20 @@ class GPT2Model(nn.Module):
         return ModelOutput(last_hidden_state=hidden, cache=new_cache)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(heads.DecoderForCausalLM):
     """GPT-2 with the language-model head (``lm_head``, tied to ``wte`` unless ``tie_word_embeddings=False``)."""
 
-    config: Any
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str | None = None
-
-    def setup(self):
-        self.transformer = GPT2Model(
-            self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy, name="transformer"
-        )
-        if not self.config.tie_word_embeddings:
-            self.lm_head = _dense(
-                self.config,
-                self.config.vocab_size,
-                ("embed", "vocab"),
-                "lm_head",
-                self.dtype,
-                self.param_dtype,
-                use_bias=False,
-            )
-
-    def cache_spec(self) -> attention.CacheSpec:
-        return cache_spec(self.config, self.scan_layers, self.dtype)
-
-    def embed_input_ids(self, input_ids):
-        """The token embeddings of ``input_ids`` (what ``inputs_embeds`` replaces)."""
-        return self.transformer.embed_input_ids(input_ids)
-
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        prefix_key_values=None,
-        deterministic=True,
-        inputs_embeds=None,
-    ) -> ModelOutput:
-        out = self.transformer(
-            input_ids, attention_mask, position_ids, cache, prefix_key_values, deterministic, inputs_embeds
-        )
-        hidden = out.last_hidden_state
-        logits = self.transformer.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
-        return ModelOutput(logits=logits, last_hidden_state=hidden, cache=out.cache)
+    base_model_cls: ClassVar[type] = GPT2Model
+    backbone_name: ClassVar[str] = "transformer"
+    cache_spec_of = staticmethod(cache_spec)
 
 
-class GPT2ForSequenceClassification(nn.Module):
-    """GPT-2 with a ``score`` layer on the last non-pad token (``config.pad_token_id``); with ``inputs_embeds``
-    the last token, as transformers."""
+class GPT2ForSequenceClassification(heads.DecoderForSequenceClassification):
+    """GPT-2 with a ``score`` layer on the last token that ``attention_mask`` keeps (without a mask: the last that
+    is not ``config.pad_token_id``, as transformers)."""
 
-    config: Any
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str | None = None
-
-    def setup(self):
-        self.transformer = GPT2Model(
-            self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy, name="transformer"
-        )
-        self.score = _dense(
-            self.config, self.config.num_labels, ("embed", None), "score", self.dtype, self.param_dtype, use_bias=False
-        )
-
-    def embed_input_ids(self, input_ids):
-        """The token embeddings of ``input_ids`` (what ``inputs_embeds`` replaces)."""
-        return self.transformer.embed_input_ids(input_ids)
-
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        prefix_key_values=None,
-        deterministic=True,
-        inputs_embeds=None,
-    ) -> ModelOutput:
-        hidden = self.transformer(
-            input_ids, attention_mask, position_ids, None, prefix_key_values, deterministic, inputs_embeds
-        )
-        pad_token_id = None if input_ids is None else self.config.pad_token_id
-        pooled = attention.pool_last_non_pad(hidden.last_hidden_state, input_ids, pad_token_id)
-        return ModelOutput(logits=self.score(pooled), last_hidden_state=hidden.last_hidden_state)
+    base_model_cls: ClassVar[type] = GPT2Model
+    backbone_name: ClassVar[str] = "transformer"
 
 
 FAMILY = ModelFamily(

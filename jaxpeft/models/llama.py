@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft.models import activations, attention, hub
+from jaxpeft.models import activations, attention, heads, hub
+from jaxpeft.models.attention import dense as _dense
 from jaxpeft.models.family import ModelFamily, ModelOutput
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -142,18 +143,6 @@ def _biases(config) -> tuple[bool, bool, bool]:
     return attention_bias, attention_bias, bool(getattr(config, "mlp_bias", False))
 
 
-def _dense(config, features: int, axes: tuple, name: str, dtype, param_dtype, use_bias: bool) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=attention.logical(nn.initializers.normal(config.initializer_range), *axes),
-        bias_init=attention.logical(nn.initializers.zeros_init(), axes[-1]),
-        name=name,
-    )
-
-
 def token_embedding(config, dtype, param_dtype) -> nn.Embed:
     """The ``embed_tokens`` table ``(vocab_size, hidden_size)``."""
     return nn.Embed(
@@ -163,13 +152,6 @@ def token_embedding(config, dtype, param_dtype) -> nn.Embed:
         param_dtype=param_dtype,
         embedding_init=attention.logical(nn.initializers.normal(config.initializer_range), "vocab", "embed"),
     )
-
-
-def _token_ids(input_ids, inputs_embeds):
-    """``input_ids``, or zeros of the ``(batch, seq)`` shape that ``inputs_embeds`` stands for (used for shapes)."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("pass exactly one of input_ids and inputs_embeds")
-    return input_ids if inputs_embeds is None else jnp.zeros(inputs_embeds.shape[:2], jnp.int32)
 
 
 def _module_kind(name: str) -> str:
@@ -394,7 +376,7 @@ class LlamaModel(nn.Module):
         inputs_embeds=None,
     ) -> ModelOutput:
         config = self.config
-        token_ids = _token_ids(input_ids, inputs_embeds)
+        token_ids = attention.token_ids_of(input_ids, inputs_embeds)
         num_prefix = attention.check_prefix_key_values(
             prefix_key_values, config.num_hidden_layers, token_ids.shape[0], kv_heads_of(config), head_dim_of(config)
         )
@@ -419,99 +401,21 @@ class LlamaModel(nn.Module):
         return ModelOutput(last_hidden_state=hidden, cache=new_cache, **extra_outputs)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(heads.DecoderForCausalLM):
     """The decoder with ``lm_head`` (or the tied ``embed_tokens`` when ``tie_word_embeddings``).
 
     Subclasses wrap another decoder (``base_model_cls``) and may change ``lm_logits``.
     """
 
-    config: Any
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str | None = None
     base_model_cls: ClassVar[type] = LlamaModel
-
-    def setup(self):
-        self.model = self.base_model_cls(
-            self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy, name="model"
-        )
-        if not self.config.tie_word_embeddings:
-            self.lm_head = _dense(
-                self.config,
-                self.config.vocab_size,
-                ("embed", "vocab"),
-                "lm_head",
-                self.dtype,
-                self.param_dtype,
-                use_bias=False,
-            )
-
-    def cache_spec(self) -> attention.CacheSpec:
-        return cache_spec(self.config, self.scan_layers, self.dtype)
-
-    def embed_input_ids(self, input_ids):
-        """The token embeddings of ``input_ids`` (what ``inputs_embeds`` replaces)."""
-        return self.model.embed_input_ids(input_ids)
-
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        prefix_key_values=None,
-        deterministic=True,
-        inputs_embeds=None,
-    ) -> ModelOutput:
-        out = self.model(
-            input_ids, attention_mask, position_ids, cache, prefix_key_values, deterministic, inputs_embeds
-        )
-        return out.replace(logits=self.lm_logits(out.last_hidden_state))  # keeps the decoder's other outputs
-
-    def lm_logits(self, hidden):
-        """The vocabulary logits of the final hidden states (tied embedding or ``lm_head``)."""
-        return self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+    cache_spec_of = staticmethod(cache_spec)
 
 
-class LlamaForSequenceClassification(nn.Module):
-    """The decoder with a ``score`` layer on the last non-pad token (``config.pad_token_id``); with
-    ``inputs_embeds`` the last token, as transformers."""
+class LlamaForSequenceClassification(heads.DecoderForSequenceClassification):
+    """The decoder with a ``score`` layer on the last token that ``attention_mask`` keeps (without a mask: the last
+    that is not ``config.pad_token_id``, as transformers)."""
 
-    config: Any
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str | None = None
     base_model_cls: ClassVar[type] = LlamaModel
-
-    def setup(self):
-        self.model = self.base_model_cls(
-            self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy, name="model"
-        )
-        self.score = _dense(
-            self.config, self.config.num_labels, ("embed", None), "score", self.dtype, self.param_dtype, use_bias=False
-        )
-
-    def embed_input_ids(self, input_ids):
-        """The token embeddings of ``input_ids`` (what ``inputs_embeds`` replaces)."""
-        return self.model.embed_input_ids(input_ids)
-
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        prefix_key_values=None,
-        deterministic=True,
-        inputs_embeds=None,
-    ) -> ModelOutput:
-        hidden = self.model(
-            input_ids, attention_mask, position_ids, None, prefix_key_values, deterministic, inputs_embeds
-        )
-        pad_token_id = None if input_ids is None else self.config.pad_token_id
-        pooled = attention.pool_last_non_pad(hidden.last_hidden_state, input_ids, pad_token_id)
-        return hidden.replace(logits=self.score(pooled))  # keeps the decoder's other outputs
 
 
 FAMILY = ModelFamily(

@@ -9,15 +9,16 @@ sequence classification head (``classifier.dense`` and ``classifier.out_proj`` o
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpeft.models import encoder_layers
+from jaxpeft.models import encoder_layers, heads
 from jaxpeft.models.bert import BertModel, bert_settings
 from jaxpeft.models.encoder_layers import Dtype, EncoderSettings
-from jaxpeft.models.family import ModelFamily, ModelOutput
+from jaxpeft.models.family import ModelFamily
 
 
 def create_position_ids_from_input_ids(input_ids, padding_idx: int, past_length: int = 0):
@@ -81,7 +82,7 @@ class RobertaClassificationHead(nn.Module):
         )(features)
 
 
-class RobertaForSequenceClassification(nn.Module):
+class RobertaForSequenceClassification(heads.EncoderHead):
     """RoBERTa without pooler and the ``classifier`` head (torch ``RobertaForSequenceClassification``).
 
     Example:
@@ -97,50 +98,20 @@ class RobertaForSequenceClassification(nn.Module):
         (1, 3)
     """
 
-    config: Any
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str | None = None
+    base_model_cls: ClassVar[type] = RobertaModel
+    backbone_name: ClassVar[str] = "roberta"
+    backbone_options: ClassVar[Mapping[str, Any]] = {"add_pooling_layer": False}
+    settings_of = staticmethod(bert_settings)
 
     def setup(self):
-        self.roberta = RobertaModel(
-            config=self.config,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            scan_layers=self.scan_layers,
-            remat_policy=self.remat_policy,
-            add_pooling_layer=False,
-            name="roberta",
-        )
-        self.classifier = RobertaClassificationHead(
-            bert_settings(self.config), self.dtype, self.param_dtype, name="classifier"
-        )
+        super().setup()
+        self.classifier = RobertaClassificationHead(self.settings, self.dtype, self.param_dtype, name="classifier")
 
-    def embed_input_ids(self, input_ids):
-        """The word embeddings of ``input_ids`` (what ``inputs_embeds`` replaces)."""
-        return self.roberta.embed_input_ids(input_ids)
-
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        deterministic: bool = True,
-        prefix_key_values=None,
-        inputs_embeds=None,
-    ) -> ModelOutput:
-        outputs = self.roberta(
-            input_ids, attention_mask, token_type_ids, position_ids, deterministic, prefix_key_values, inputs_embeds
-        )
-        return ModelOutput(
-            logits=self.classifier(outputs.last_hidden_state, deterministic),
-            last_hidden_state=outputs.last_hidden_state,
-        )
+    def head_logits(self, outputs, deterministic: bool):
+        return self.classifier(outputs.last_hidden_state, deterministic)
 
 
-class RobertaForTokenClassification(nn.Module):
+class RobertaForTokenClassification(heads.EncoderForTokenClassification):
     """RoBERTa without pooler, ``classifier`` on every token (torch ``RobertaForTokenClassification``).
 
     Example:
@@ -156,47 +127,10 @@ class RobertaForTokenClassification(nn.Module):
         (1, 4, 5)
     """
 
-    config: Any
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str | None = None
-
-    def setup(self):
-        settings = bert_settings(self.config)
-        self.roberta = RobertaModel(
-            config=self.config,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            scan_layers=self.scan_layers,
-            remat_policy=self.remat_policy,
-            add_pooling_layer=False,
-            name="roberta",
-        )
-        self.dropout = nn.Dropout(settings.classifier_dropout)
-        self.classifier = encoder_layers.dense(
-            settings.num_labels, "classifier", ("embed", None), settings, self.dtype, self.param_dtype
-        )
-
-    def embed_input_ids(self, input_ids):
-        """The word embeddings of ``input_ids`` (what ``inputs_embeds`` replaces)."""
-        return self.roberta.embed_input_ids(input_ids)
-
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        deterministic: bool = True,
-        prefix_key_values=None,
-        inputs_embeds=None,
-    ) -> ModelOutput:
-        outputs = self.roberta(
-            input_ids, attention_mask, token_type_ids, position_ids, deterministic, prefix_key_values, inputs_embeds
-        )
-        hidden_states = self.dropout(outputs.last_hidden_state, deterministic=deterministic)
-        return ModelOutput(logits=self.classifier(hidden_states), last_hidden_state=outputs.last_hidden_state)
+    base_model_cls: ClassVar[type] = RobertaModel
+    backbone_name: ClassVar[str] = "roberta"
+    backbone_options: ClassVar[Mapping[str, Any]] = {"add_pooling_layer": False}
+    settings_of = staticmethod(bert_settings)
 
 
 CHECKPOINT_LAYOUT = encoder_layers.CheckpointLayout(

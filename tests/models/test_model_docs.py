@@ -14,6 +14,7 @@ MODULES = [
     "jaxpeft.models.generation",
     "jaxpeft.models.gguf",
     "jaxpeft.models.gpt2",
+    "jaxpeft.models.heads",
     "jaxpeft.models.hub",
     "jaxpeft.models.llama",
     "jaxpeft.models.moe",
