@@ -1,6 +1,6 @@
 """jaxpeft: parameter-efficient fine-tuning for JAX and Flax."""
 
-from jaxpeft import evaluation, method, methods, optimizers, quantization, sharding
+from jaxpeft import eva, evaluation, method, methods, optimizers, quantization, sharding
 from jaxpeft.config import ConfigError, PeftConfig
 from jaxpeft.core import (
     AdapterError,
@@ -17,6 +17,7 @@ from jaxpeft.hf_format import config_from_hf_dict, config_to_hf_dict, load_adapt
 from jaxpeft.method import Method
 from jaxpeft.method import register as register_method
 from jaxpeft.methods import (
+    AdaLoraConfig,
     AdapterConfig,
     BitFitConfig,
     BOFTConfig,
@@ -43,6 +44,7 @@ from jaxpeft.tree import ParameterCount, adapter_names, combine, count_parameter
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterConfig",
     "AdapterError",
     "AdapterMix",
@@ -77,6 +79,7 @@ __all__ = [
     "config_from_hf_dict",
     "config_to_hf_dict",
     "count_parameters",
+    "eva",
     "evaluation",
     "extend_labels",
     "freeze",

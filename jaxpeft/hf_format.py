@@ -14,8 +14,13 @@ methods torch PEFT has, names and layouts are torch PEFT's, so each side loads w
 - (IA)^3 (``"IA3"``): ``base_model.model.<HF module path>.ia3_l``, ``[out, 1]``, or ``[1, in]`` for a module in
   ``feedforward_modules`` (GPT-2's Conv1D layers alike), ``[1, channels, 1, ...]`` for Conv (jaxpeft's ``ia3_l``
   is the same vector shaped like the kernel).
-- Prompt and prefix tuning (``"PROMPT_TUNING"``, ``"PREFIX_TUNING"``): ``prompt_embeddings``, written and read by
-  the method's own hooks (``hf_tensors`` and ``leaves_from_hf``).
+- Prompt and prefix tuning, p-tuning (``"PROMPT_TUNING"``, ``"PREFIX_TUNING"``, ``"P_TUNING"``):
+  ``prompt_embeddings``, written and read by the method's own hooks (``hf_tensors`` and ``leaves_from_hf``).
+- LoHa, LoKr, VeRA, OFT, BOFT, LN tuning, trainable tokens: the method keeps its leaves in torch's layout under
+  HF PEFT's names, so each is ``base_model.model.<HF module path>.<leaf key>`` (``hada_w1_a``, ``lokr_w1``,
+  ``vera_lambda_b``, ``oft_R.weight``, ``ln_tuning_layers.weight``, ...); VeRA's shared projections are
+  ``base_model.vera_A``/``vera_B``. Each method file's docstring lists its tensors; a method names them through
+  its ``torch_tensors`` hook where the leaf key and the torch name differ.
 - Every method: the trained copies of ``modules_to_save`` under the module's own names and torch layout (a Linear
   weight is the Dense kernel transposed, GPT-2's Conv1D weight is not): ``base_model.model.score.weight``, or
   ``base_model.score.weight`` for prompt and prefix tuning, whose torch model holds the transformers model one
@@ -336,8 +341,10 @@ def _slots(config: PeftConfig, trace: Trace, flat: dict[Path, Any], adapter_name
             if unnamed:
                 raise AdapterError(f"{config.peft_type} adapter {adapter_name!r} has a leaf {'.'.join(unnamed[0])} "
                                    f"at {'.'.join(module_path)} that HF PEFT's format has no name for")
-        for index, name in covered.items():
-            for suffix, (key, layout) in tensors.items():
+        for index, name in covered.items():  # a method may name each layer of a stack its own way
+            per_layer = (tensors if torch_layout is None or not module_path
+                         else torch_layout(config, layer, name, shapes))
+            for suffix, (key, layout) in per_layer.items():
                 adapter_slots[_join(name, suffix)] = _Slot(leaves[key], index, shapes[key], *layout)
 
     saved_modules: set[Path] = set()

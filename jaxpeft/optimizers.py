@@ -83,14 +83,14 @@ def scale_by_loraplus(loraplus_lr_ratio: float, *, learning_rate: float | None =
     schedule) to turn into a factor; without it they keep the base rate.
 
     Example:
-        >>> import jax.numpy as jnp, optax
+        >>> import jax, jax.numpy as jnp, optax
         >>> params = {"dense": {"kernel": jnp.ones((2, 2)), "lora_A": {"default": jnp.ones((2, 1))},
         ...                     "lora_B": {"default": jnp.ones((1, 2))}}}
         >>> optimizer = optax.chain(optax.sgd(0.1), scale_by_loraplus(16.0))
         >>> grads = jax.tree_util.tree_map(jnp.ones_like, params)
         >>> updates, _ = optimizer.update(grads, optimizer.init(params), params)
-        >>> float(updates["dense"]["lora_A"]["default"][0, 0]), float(updates["dense"]["lora_B"]["default"][0, 0])
-        (-0.1, -1.6)
+        >>> [round(float(updates["dense"][key]["default"][0, 0]), 6) for key in ("lora_A", "lora_B")]
+        [-0.1, -1.6]
     """
     if not loraplus_lr_ratio > 0:
         raise ValueError(f"loraplus_lr_ratio must be > 0 (HF PEFT advises >= 1), got {loraplus_lr_ratio!r}")

@@ -252,8 +252,8 @@ def test_config_dict_accepts_hf_bookkeeping_and_rejects_what_changes_numerics():
         config_from_hf_dict({**hf, "lora_bias": True})
     with pytest.raises(ConfigError, match="layer_replication"):
         config_from_hf_dict({**hf, "layer_replication": [[0, 2]]})
-    with pytest.raises(ConfigError, match="'ADALORA'.*supported: .*IA3, LORA"):
-        config_from_hf_dict({**hf, "peft_type": "ADALORA"})
+    with pytest.raises(ConfigError, match="'XLORA'.*supported: .*IA3, .*LORA"):
+        config_from_hf_dict({**hf, "peft_type": "XLORA"})
     with pytest.raises(ConfigError, match="IA3 adapter config sets r=2"):
         config_from_hf_dict({**hf, "peft_type": "IA3"})
 
@@ -297,8 +297,8 @@ def test_load_errors_name_the_problem(bert_adapter, base_folders, tmp_path):
         k: v for k, v in t.items() if "layer.1.attention.self.query.lora_B" not in k})
     with pytest.raises(jaxpeft.AdapterError, match=r"missing.*layer\.1\.attention\.self\.query\.lora_B"):
         load(dropped)
-    unknown = _copy_adapter(folder, tmp_path / "vera", edit_config=lambda c: {**c, "peft_type": "VERA"})
-    with pytest.raises(ConfigError, match="adapter_config.json.*'VERA'.*supported: .*IA3, LORA"):
+    unknown = _copy_adapter(folder, tmp_path / "xlora", edit_config=lambda c: {**c, "peft_type": "XLORA"})
+    with pytest.raises(ConfigError, match="adapter_config.json.*'XLORA'.*supported: .*IA3, .*LORA"):
         load(unknown)
     dora = _copy_adapter(folder, tmp_path / "dora", edit_config=lambda c: {**c, "use_dora": True})
     with pytest.raises(jaxpeft.AdapterError, match=r"missing.*lora_magnitude_vector"):

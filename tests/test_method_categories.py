@@ -58,13 +58,25 @@ METHODS = {
                      layer_method=False),
     "prefix": Method(lambda task: jaxpeft.PrefixTuningConfig(num_virtual_tokens=3, task_type=task), False, False,
                      layer_method=False),
+    "loha": Method(lambda task: jaxpeft.LoHaConfig(r=2, alpha=4, task_type=task), True, True),
+    "lokr": Method(lambda task: jaxpeft.LoKrConfig(r=2, alpha=4, task_type=task), True, True),
+    "vera": Method(lambda task: jaxpeft.VeraConfig(r=8, task_type=task), True, True),
+    "oft": Method(lambda task: jaxpeft.OFTConfig(oft_block_size=8, r=0, task_type=task), True, True),
+    "boft": Method(lambda task: jaxpeft.BOFTConfig(boft_block_size=4, task_type=task), True, True),
+    "ln_tuning": Method(lambda task: jaxpeft.LNTuningConfig(task_type=task), True, True),
+    "trainable_tokens": Method(lambda task: jaxpeft.TrainableTokensConfig(token_indices=[3, 5, 7], task_type=task),
+                               True, True),
+    "p_tuning": Method(lambda task: jaxpeft.PromptEncoderConfig(num_virtual_tokens=3, task_type=task), False, False,
+                       layer_method=False),
 }
 # LoRA on every family; the other methods on two each, so that every family meets most methods (each method's own
 # test file covers the families more deeply). Llama layers have no biases: BitFit refuses them
 # (test_bitfit_on_a_model_without_biases).
 OTHER_FAMILIES = {"rslora": ("bert", "llama"), "dora": ("llama", "gpt2"), "ia3": ("gpt2", "llama"),
                   "bitfit": ("bert", "gpt2"), "bottleneck": ("llama", "bert"), "prompt": ("gpt2", "bert"),
-                  "prefix": ("llama", "bert")}
+                  "prefix": ("llama", "bert"), "loha": ("llama",), "lokr": ("bert",), "vera": ("gpt2",),
+                  "oft": ("llama",), "boft": ("bert",), "ln_tuning": ("gpt2",), "trainable_tokens": ("llama",),
+                  "p_tuning": ("gpt2",)}
 CASES = [("lora", family) for family in FAMILIES] + [
     (method, family) for method, families in OTHER_FAMILIES.items() for family in families]
 

@@ -82,8 +82,18 @@ def _inputs(family: str) -> dict:
 
 
 def _torch_logits(model, inputs: dict) -> np.ndarray:
+    """torch's logits; for a decoder classifier, each row run without its padding: with prompt tuning torch pools
+    the last position of ``inputs_embeds`` (a pad token in a right-padded row), jaxpeft the last token the mask
+    keeps."""
     with torch.no_grad():
-        return model(**{name: torch.tensor(value) for name, value in inputs.items()}).logits.numpy()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if base.config.model_type in ("bert", "distilbert", "roberta") or not type(base).__name__.endswith(
+                "SequenceClassification") or not hasattr(model, "get_base_model"):
+            return model(**{name: torch.tensor(value) for name, value in inputs.items()}).logits.numpy()
+        keep = inputs["attention_mask"] == 1
+        return np.concatenate([
+            model(**{name: torch.tensor(value[row][keep[row]][None]) for name, value in inputs.items()
+                     if name != "attention_mask"}).logits.numpy() for row in range(len(keep))])
 
 
 def _real_positions(logits: np.ndarray, task: str) -> np.ndarray:

@@ -315,7 +315,7 @@ def test_a_failed_save_is_the_error_reported_even_when_the_plot_fails_too(assets
     (["--max-steps", 0], "--max-steps must be >= 1, got 0"),
     (["--eval-steps", 0], "--eval-steps must be >= 1, got 0"),
     (["--learning-rate", "nan"], "--learning-rate must be > 0, got nan"),
-    (["--lora-dropout", 1], "--lora-dropout must be in [0, 1), got 1.0"),
+    (["--lora-dropout", 1], "lora_dropout must be in [0, 1), got lora_dropout=1.0"),
     (["--warmup-ratio", "-0.5"], "--warmup-ratio must be in [0, 1), got -0.5"),
     (["--training-arg", "max_steps=0"], "TrainingArguments.max_steps must be -1 (train for num_train_epochs) or "
                                         ">= 1, got 0"),

@@ -91,8 +91,19 @@ def _torch_base(folder, task):
 
 
 def _torch_logits(model):
+    """torch's logits; for a prompt-tuned decoder classifier, each row run without its padding: torch pools the last
+    position of ``inputs_embeds`` (a pad token in a right-padded row), jaxpeft the last token the mask keeps."""
     with torch.no_grad():
-        return model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+        if not _pools_last_position(model):
+            return model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+        return np.concatenate([model(input_ids=torch.tensor(ids[mask == 1][None])).logits.numpy()
+                               for ids, mask in zip(IDS, MASK, strict=True)])
+
+
+def _pools_last_position(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prompt = getattr(getattr(model, "peft_config", {}).get("default"), "peft_type", None) == "PROMPT_TUNING"
+    return prompt and base.config.model_type != "bert" and type(base).__name__.endswith("SequenceClassification")
 
 
 def _kept(task, logits):

@@ -6,6 +6,7 @@ way from any file (see "Writing a method" in the README).
 """
 
 from jaxpeft.methods import (
+    adalora,
     bitfit,
     boft,
     bottleneck,
@@ -21,6 +22,7 @@ from jaxpeft.methods import (
     trainable_tokens,
     vera,
 )
+from jaxpeft.methods.adalora import AdaLoraConfig
 from jaxpeft.methods.bitfit import BitFitConfig
 from jaxpeft.methods.boft import BOFTConfig
 from jaxpeft.methods.bottleneck import AdapterConfig
@@ -37,13 +39,13 @@ from jaxpeft.methods.trainable_tokens import TrainableTokensConfig
 from jaxpeft.methods.vera import VeraConfig
 
 METHODS = (
-    lora.METHOD, loha.METHOD, lokr.METHOD, vera.METHOD, oft.METHOD, boft.METHOD, ia3.METHOD, bottleneck.METHOD,
-    ln_tuning.METHOD, bitfit.METHOD, trainable_tokens.METHOD, prefix_tuning.METHOD, prompt_tuning.METHOD,
-    p_tuning.METHOD,
+    lora.METHOD, adalora.METHOD, loha.METHOD, lokr.METHOD, vera.METHOD, oft.METHOD, boft.METHOD, ia3.METHOD,
+    bottleneck.METHOD, ln_tuning.METHOD, bitfit.METHOD, trainable_tokens.METHOD, prefix_tuning.METHOD,
+    prompt_tuning.METHOD, p_tuning.METHOD,
 )
 
 __all__ = [
-    "METHODS", "LoraConfig", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeraConfig", "OFTConfig", "BOFTConfig",
-    "IA3Config", "AdapterConfig", "LNTuningConfig", "BitFitConfig", "TrainableTokensConfig", "PrefixTuningConfig",
-    "PromptTuningConfig", "PromptEncoderConfig",
+    "METHODS", "LoraConfig", "LoRAConfig", "AdaLoraConfig", "LoHaConfig", "LoKrConfig", "VeraConfig", "OFTConfig",
+    "BOFTConfig", "IA3Config", "AdapterConfig", "LNTuningConfig", "BitFitConfig", "TrainableTokensConfig",
+    "PrefixTuningConfig", "PromptTuningConfig", "PromptEncoderConfig",
 ]

@@ -78,7 +78,7 @@ def create_leaves(key: jax.Array, config: Any, layer: Layer, dtype: Any, layer_l
     return stacked
 
 
-def _run_with(module: nn.Module, method_name: str, args, kwargs, **replaced: jax.Array):
+def run_with(module: nn.Module, method_name: str, args, kwargs, **replaced: jax.Array):
     """The layer's call with some of its parameters replaced."""
     params = {name: nn.meta.unbox(value) for name, value in module.variables["params"].items()
               if not isinstance(value, dict)}
@@ -120,7 +120,7 @@ def make_interceptor(leaf_keys: tuple[str, ...], active_key: str, delta: Callabl
             if delta is None:
                 changed = transform(config, leaves, weight, False)
                 new_kernel = from_matrix(jnp.where(active != 0, changed, weight), kernel.shape, kernel.dtype)
-                return _run_with(module, context.method_name, args, kwargs, kernel=new_kernel)
+                return run_with(module, context.method_name, args, kwargs, kernel=new_kernel)
             out = next_fun(*args, **kwargs)
             change = from_matrix(delta(config, leaves, weight) * active, kernel.shape, out.dtype)
             x_args = list(args)
@@ -128,7 +128,7 @@ def make_interceptor(leaf_keys: tuple[str, ...], active_key: str, delta: Callabl
                 x_args[0] = _dropped(module, x_args[0], rate)
             no_bias = {"bias": jnp.zeros_like(nn.meta.unbox(module.get_variable("params", "bias")))} if (
                 module.has_variable("params", "bias")) else {}
-            return out + _run_with(module, context.method_name, tuple(x_args), kwargs, kernel=change, **no_bias)
+            return out + run_with(module, context.method_name, tuple(x_args), kwargs, kernel=change, **no_bias)
 
         return adapt
 

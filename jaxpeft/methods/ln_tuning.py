@@ -31,7 +31,7 @@ from jaxpeft._tracing import Trace
 from jaxpeft.config import PeftConfig, check, strict_options
 from jaxpeft.core import AdapterError
 from jaxpeft.method import Method, register
-from jaxpeft.methods._reweight import _run_with
+from jaxpeft.methods._reweight import run_with
 
 Path = tuple[str, ...]
 # leaf key -> the norm parameter it copies, and its name in torch
@@ -216,7 +216,7 @@ def interceptor(config: LNTuningConfig, adapter_name: str, dropout: bool):
         if adapter_name not in params.get("ln_tuning_scale", {}):
             return next_fun(*args, **kwargs)
         leaves = {key: params[key][adapter_name] for key in (*COPIES, ACTIVE) if adapter_name in params.get(key, {})}
-        return _run_with(module, "__call__", args, kwargs, **_replacements(params, leaves))
+        return run_with(module, "__call__", args, kwargs, **_replacements(params, leaves))
 
     return adapt
 

@@ -70,7 +70,7 @@ from jaxpeft.method import Method, register
 from jaxpeft.quantization import QuantizationConfig, QuantizedArray, dequantize, is_quantized, quantize_array
 
 Path = tuple[str, ...]
-INIT_OPTIONS = (True, False, "gaussian", "pissa", "olora", "loftq")
+INIT_OPTIONS = (True, False, "gaussian", "pissa", "olora", "loftq", "eva")
 PISSA_NITER_PREFIX = "pissa_niter_"
 BIAS_OPTIONS = ("none", "all", "lora_only")
 KINDS = ("dense", "dense_general", "embed", "conv", "einsum", "param")
@@ -110,7 +110,10 @@ class LoraConfig(PeftConfig):
             principal singular components, the kernel keeps the residual) or ``"pissa_niter_<n>"`` (the same with a
             randomized SVD of n power iterations), ``"olora"`` (A and B from the QR decomposition of the weight,
             the kernel keeps the residual, as HF PEFT's OLoRA), ``"loftq"`` (the kernel is quantized, A and B take
-            the rank-r SVD of the quantization error: see ``loftq_config``).
+            the rank-r SVD of the quantization error: see ``loftq_config``), ``"eva"`` (A from the principal
+            components of the layer inputs: ``jaxpeft.eva``).
+        eva_config: with ``init_lora_weights="eva"``, ``jaxpeft.eva.EvaConfig`` (or a dict of its options): A
+            starts like ``True`` until ``jaxpeft.eva.initialize_lora_eva_weights`` sets it from a few batches.
         loftq_config: with ``init_lora_weights="loftq"``, ``{"loftq_bits": 4, "loftq_iter": 1}`` (HF PEFT's
             names and defaults): 4 bits quantize to nf4, 8 bits to per-channel int8; ``loftq_iter`` alternations
             of quantizing and the SVD. Ignored (emptied, with a warning) for other initialisations, as in HF PEFT.
@@ -146,6 +149,7 @@ class LoraConfig(PeftConfig):
     use_dora: bool = False
     lora_bias: bool = False
     loftq_config: dict[str, int] = dataclasses.field(default_factory=dict)
+    eva_config: dict[str, Any] | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -159,8 +163,9 @@ class LoraConfig(PeftConfig):
         check(self.bias in BIAS_OPTIONS, f"bias={self.bias!r} is unknown; use one of {', '.join(BIAS_OPTIONS)}")
         check(self.init_lora_weights in INIT_OPTIONS or _pissa_niter(self.init_lora_weights) is not None,
               f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False, 'gaussian', "
-              "'pissa', 'pissa_niter_<n>', 'olora' or 'loftq'")
+              "'pissa', 'pissa_niter_<n>', 'olora', 'loftq' or 'eva'")
         self.loftq_config = _loftq_options(self.init_lora_weights, self.loftq_config)
+        self.eva_config = _eva_options(self.init_lora_weights, self.eva_config)
         check(not self.lora_bias, "lora_bias=True is not supported; use lora_bias=False")
         for name in ("rank_pattern", "alpha_pattern"):
             value = {} if getattr(self, name) is None else getattr(self, name)
@@ -241,6 +246,25 @@ def _loftq_options(init: Any, value: Any) -> dict[str, int]:
     check(is_positive_int(options["loftq_iter"]),
           f"loftq_iter must be a positive integer, got loftq_iter={options['loftq_iter']!r}")
     return {key: int(number) for key, number in options.items()}
+
+
+def _eva_options(init: Any, value: Any) -> dict[str, Any] | None:
+    """``eva_config`` as a dict of ``jaxpeft.eva.EvaConfig``'s options: the defaults (with a warning, as HF PEFT)
+    when ``init_lora_weights="eva"`` names none, ``None`` (with a warning if one was given) for other inits."""
+    if init != "eva":
+        if value:
+            warnings.warn("eva_config is ignored unless init_lora_weights='eva'", stacklevel=4)
+        return None
+    from jaxpeft.eva import EvaConfig
+
+    if value is None:
+        warnings.warn("init_lora_weights='eva' without eva_config: using EvaConfig()'s defaults", stacklevel=4)
+        value = {}
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    check(isinstance(value, Mapping), f"eva_config must be a jaxpeft.eva.EvaConfig or a dict of its options, got "
+                                      f"{type(value).__name__}")
+    return dataclasses.asdict(EvaConfig(**value))
 
 
 # ----- shapes: which kernel axes are inputs and which are outputs -----

@@ -32,7 +32,7 @@ from jaxpeft._tracing import Layer, Trace, layer_kind
 from jaxpeft.config import PeftConfig, check, strict_options
 from jaxpeft.core import AdapterError
 from jaxpeft.method import Method, register
-from jaxpeft.methods._reweight import _run_with
+from jaxpeft.methods._reweight import run_with
 from jaxpeft.tree import flatten
 
 Path = tuple[str, ...]
@@ -191,7 +191,7 @@ def interceptor(config: TrainableTokensConfig, adapter_name: str, dropout: bool)
             return next_fun(*args, **kwargs)
         table = nn.meta.unbox(module.get_variable("params", "embedding"))
         rows = _checked_rows(config, table, nn.meta.unbox(held[adapter_name]), ".".join(module.path))
-        return _run_with(module, context.method_name, args, kwargs,
+        return run_with(module, context.method_name, args, kwargs,
                          embedding=replaced_table(table, config.token_indices, rows))
 
     return adapt
