@@ -147,6 +147,25 @@ def layer_indices(name: str, value: Any) -> int | list[int]:
 CONFIG_CLASSES: dict[str, type[PeftConfig]] = {}
 
 
+def check_module_targets(config: Any) -> None:
+    """Checks and normalises the module-selection options a config has (HF PEFT's rules): ``target_modules``,
+    ``exclude_modules``, ``modules_to_save``, ``layers_pattern`` as a regex string or a list of names;
+    ``layers_pattern`` only with ``layers_to_transform``, which needs list targets."""
+    for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+        value = getattr(config, name, None)
+        if value is not None and not isinstance(value, str):
+            value = list(value)
+            check(all(isinstance(v, str) for v in value), f"{name} must hold module names (strings)")
+            setattr(config, name, value)
+    check(not getattr(config, "layers_pattern", None) or config.layers_to_transform is not None,
+          "layers_pattern needs layers_to_transform (as in HF PEFT); give the layer indices to adapt")
+    if getattr(config, "layers_to_transform", None) is not None:
+        config.layers_to_transform = layer_indices("layers_to_transform", config.layers_to_transform)
+        check(not isinstance(config.target_modules, str),
+              f"layers_to_transform cannot be used with target_modules={config.target_modules!r}, a string (as in HF "
+              "PEFT); list the module names instead, e.g. target_modules=['q_proj', 'v_proj']")
+
+
 def option_docs(cls: type) -> dict[str, str]:
     """``{option: its documentation}`` from the ``Attributes:`` section of a config class's docstring, each
     collapsed to one line.

@@ -34,9 +34,9 @@ from jaxpeft import _targets
 from jaxpeft.config import (
     PeftConfig,
     check,
+    check_module_targets,
     is_finite_number,
     is_positive_int,
-    layer_indices,
     plain_number,
     strict_options,
 )
@@ -140,19 +140,7 @@ def check_lycoris_options(config: Any) -> None:
         check(is_finite_number(alpha) and alpha > 0, f"alpha_pattern[{key!r}]={alpha!r} must be positive and finite")
     config.rank_pattern = {key: int(rank) for key, rank in config.rank_pattern.items()}
     config.alpha_pattern = {key: plain_number(alpha) for key, alpha in config.alpha_pattern.items()}
-    for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
-        value = getattr(config, name)
-        if value is not None and not isinstance(value, str):
-            value = list(value)
-            check(all(isinstance(v, str) for v in value), f"{name} must hold module names (strings)")
-            setattr(config, name, value)
-    check(not config.layers_pattern or config.layers_to_transform is not None,
-          "layers_pattern needs layers_to_transform (as in HF PEFT); give the layer indices to adapt")
-    if config.layers_to_transform is not None:
-        config.layers_to_transform = layer_indices("layers_to_transform", config.layers_to_transform)
-        check(not isinstance(config.target_modules, str),
-              f"layers_to_transform cannot be used with target_modules={config.target_modules!r}, a string (as in HF "
-              "PEFT); list the module names instead, e.g. target_modules=['q_proj', 'v_proj']")
+    check_module_targets(config)
 
 
 def kaiming_uniform(key: jax.Array, shape: tuple[int, int], dtype: Any) -> jax.Array:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxpeft import _layouts
 from jaxpeft._tracing import Layer, layer_kind
-from jaxpeft.config import PeftConfig, check, is_finite_number, layer_indices, plain_number, strict_options
+from jaxpeft.config import PeftConfig, check, check_module_targets, is_finite_number, plain_number, strict_options
 from jaxpeft.method import register
 from jaxpeft.methods import _reweight
 
@@ -119,19 +119,7 @@ class OFTConfig(PeftConfig):
         check(self.bias in BIAS_OPTIONS, f"bias={self.bias!r} is unknown; use one of {', '.join(BIAS_OPTIONS)}")
         for name in ("init_weights", "coft", "block_share", "use_cayley_neumann", "fan_in_fan_out"):
             check(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                value = list(value)
-                check(all(isinstance(v, str) for v in value), f"{name} must hold module names (strings)")
-                setattr(self, name, value)
-        check(not self.layers_pattern or self.layers_to_transform is not None,
-              "layers_pattern needs layers_to_transform (as in HF PEFT)")
-        if self.layers_to_transform is not None:
-            self.layers_to_transform = layer_indices("layers_to_transform", self.layers_to_transform)
-            check(not isinstance(self.target_modules, str),
-                  f"layers_to_transform cannot be used with target_modules={self.target_modules!r}, a string (as in HF "
-                  "PEFT); list the module names instead, e.g. target_modules=['q_proj', 'v_proj']")
+        check_module_targets(self)
 
 
 # ----- block sizes -----
