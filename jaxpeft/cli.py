@@ -382,6 +382,8 @@ HYPER_PARAMETERS = (
     ("--loraplus-lr-ratio", "loraplus_lr_ratio", "float", "LoRA+: train LoRA's B this many times faster than A",
      POSITIVE),
     ("--seed", "seed", "int", "seed of the adapter's init, dropout and data order", NOT_NEGATIVE),
+    ("--lm-loss-chunk-size", "lm_loss_chunk_size", "int", "causal_lm: tokens at a time through the output head in "
+     "the loss, never holding the whole batch's logits (0: all at once)", NOT_NEGATIVE),
     ("--bf16", "bf16", "flag", "compute in bfloat16 (the adapter stays float32)", None),
     ("--logging-steps", "logging_steps", "int", "log the training loss every N steps", AT_LEAST_ONE),
     ("--eval-strategy", "eval_strategy", "str", "when to evaluate on --eval-file (default: epoch with an "
@@ -1427,6 +1429,7 @@ def run_export(options: argparse.Namespace) -> int:
         like = training.init_train_state(peft_model.params, mask, optimizer, seed=args.seed)
         restored = manager.restore(like, step)
     peft_model.params = training.full_params(restored.state, jaxpeft.partition(peft_model.params, mask)[1])
+    training.keep_trained_config(peft_model, restored.state.opt_state)  # e.g. AdaLoRA's rank_pattern
 
     def write(folder: str) -> None:
         peft_model.save_pretrained(folder)

@@ -345,13 +345,13 @@ def _mixed_apply(apply_fn: Callable, configs: dict[str, PeftConfig], variables: 
         fresh = fresh_as.pop((tuple(context.module.path), id(context.module.scope)), None)
         if fresh is not None:
             return next_fun(*args, **kwargs) if fresh == BASE else single[fresh](next_fun, args, kwargs, context)
-        # Adapters change ``__call__``; saved copies (modules_to_save) replace every public method, e.g. attend.
-        # Other methods (setup, private helpers) run once, as they are.
+        # Adapters change public methods (``__call__``; ``attend`` of an Embed with trainable rows); saved copies
+        # (modules_to_save) replace every one. Other methods (setup, private helpers) run once, as they are.
         params = context.module.variables.get("params", {})
         saved_copies = params.get(SAVED_MODULES_KEY, {})
         own_params = any(slot in params for slot in PARAM_SLOTS)
         method = context.method_name
-        if method != "__call__" and (method.startswith("_") or method == "setup" or not (saved_copies or own_params)):
+        if method != "__call__" and (method.startswith("_") or method == "setup"):
             return next_fun(*args, **kwargs)
         here = [name for name in mix.names if name in _own_adapter_names(context.module)]
         if not here:
@@ -536,7 +536,7 @@ def _apply_to_layers(variables: Any, config: PeftConfig, adapters: Any, adapter_
     original_flat = flatten(_params(adapters)) if sign < 0 and method.unmerge_layer is not None else None
     for path, leaves in groups.items():
         missing = [key for key in method.leaf_keys if key not in leaves]
-        if missing:
+        if missing and any(key in leaves for key in method.leaf_keys):  # a group of optional leaves stands alone
             raise AdapterError(f"adapter {adapter_name!r} at {'.'.join(path)} lacks {', '.join(missing)}; pass the "
                                "whole variables tree that holds the adapter")
         layer_params = _weights_of(flat, path)

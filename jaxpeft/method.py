@@ -59,6 +59,16 @@ class Method:
             parameter (``target_parameters``, or a module's own parameters).
         hf_tensors / leaves_from_hf: ``(config, variables, adapter_name) -> {tensor name: array}`` and back, for
             tensors that are not one layer's (prompt tables, shared projections).
+        loss_term: ``(config, params, adapter_name) -> scalar``, added to the training loss (not to evaluation's):
+            AdaLoRA's orthogonal regularization. ``params`` is the whole variables tree.
+        wrap_optimizer: ``(config, optimizer, variables, adapter_name) -> optimizer``, the optax transformation
+            that trains the adapter in place of ``optimizer`` (AdaLoRA's rank allocator); ``variables`` is the
+            model's whole tree (its constants say e.g. which layers are adapted), and the optimizer's state, which
+            checkpoints keep, holds whatever the method tracks.
+        trained_config: ``(config, opt_state, apply_fn, variables, sample_args, sample_kwargs, adapter_name) ->
+            config``, the config to save after training with the state of ``wrap_optimizer``'s optimizer
+            (AdaLoRA's ``rank_pattern``); ``apply_fn(variables, *sample_args, **sample_kwargs)``, the base model's
+            call, is traced to name the layers.
         cli_name: the ``jaxpeft train --method`` name (default: ``peft_type`` in lower case).
 
     Example:
@@ -90,6 +100,9 @@ class Method:
     torch_param_tensors: Callable | None = None
     hf_tensors: Callable | None = None
     leaves_from_hf: Callable | None = None
+    loss_term: Callable | None = None
+    wrap_optimizer: Callable | None = None
+    trained_config: Callable | None = None
     cli_name: str = ""
 
     def __post_init__(self):
@@ -131,6 +144,13 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
+def _shared(key: str, first: Method, second: Method) -> bool:
+    """Whether two methods may both keep leaves under ``key`` (LoRA's ``trainable_token_indices`` rows are the
+    trainable-tokens method's): both give it the same layout and neither holds it constant."""
+    return (key in first.leaf_layouts and first.leaf_layouts.get(key) == second.leaf_layouts.get(key)
+            and key not in first.constant_keys + second.constant_keys)
+
+
 def register(method: Method) -> Method:
     """Makes ``method`` the implementation of configs of its ``peft_type``: the config loads from
     ``adapter_config.json``, the core runs it, ``jaxpeft train --method <cli_name>`` offers it. Registering a
@@ -145,7 +165,7 @@ def register(method: Method) -> Method:
         raise TypeError(f"register takes a jaxpeft.method.Method, got {type(method).__name__}")
     clash = [key for other in _METHODS.values() if other.peft_type != method.peft_type
              for key in other.all_leaf_keys + other.constant_keys
-             if key in method.all_leaf_keys + method.constant_keys]
+             if key in method.all_leaf_keys + method.constant_keys and not _shared(key, other, method)]
     if clash:
         raise TypeError(f"Method for {method.peft_type}: leaf key(s) {sorted(set(clash))} belong to another method")
     taken = {other.cli_name: other.peft_type for other in _METHODS.values()}

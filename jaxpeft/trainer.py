@@ -53,6 +53,7 @@ import optax
 
 from jaxpeft import data as data_lib
 from jaxpeft import optimizers, outputs, pipelines, sharding, training
+from jaxpeft.losses import DEFAULT_CHUNK_SIZE
 from jaxpeft.tree import ADAPTER_KEYS, combine, partition
 
 logger = logging.getLogger("jaxpeft")
@@ -99,7 +100,10 @@ class TrainingArguments:
     ...), so a run compiles a handful of shapes. ``bf16`` runs the forward and backward in bfloat16 while the
     adapter weights, their gradients and the optimizer state stay float32. ``max_grad_norm=0`` turns clipping off.
     ``loraplus_lr_ratio`` trains LoRA's B (and vectors) that many times faster than A, and the LoRA factors of
-    embeddings at ``loraplus_lr_embedding`` (LoRA+, HF PEFT's ``create_loraplus_optimizer``). A
+    embeddings at ``loraplus_lr_embedding`` (LoRA+, HF PEFT's ``create_loraplus_optimizer``).
+    ``lm_loss_chunk_size`` tokens at a time go through a causal LM's output head in the loss of training and of
+    evaluation without predictions (``jaxpeft.losses``: the ``(batch, seq, vocab)`` logits are never held; 0: the
+    full logits). A
     fresh ``train()`` into an ``output_dir`` whose ``checkpoints/`` holds an earlier run's checkpoints refuses to
     start unless ``overwrite_output_dir`` (then they are deleted first).
 
@@ -145,6 +149,7 @@ class TrainingArguments:
     mesh: str | dict | None = None
     loraplus_lr_ratio: float | None = None
     loraplus_lr_embedding: float = 1e-6
+    lm_loss_chunk_size: int = DEFAULT_CHUNK_SIZE
 
     def __post_init__(self):
         self.output_dir = os.fspath(self.output_dir)
@@ -193,6 +198,7 @@ _ARGUMENT_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
                      "logging_steps", "save_steps", "eval_steps", "save_total_limit", "max_length"),
                     (lambda value: value >= 1, ">= 1")),
     "max_steps": (lambda value: value == -1 or value >= 1, "-1 (train for num_train_epochs) or >= 1"),
+    "lm_loss_chunk_size": (lambda value: value >= 0, ">= 0 (0: the full logits)"),
     **dict.fromkeys(("num_train_epochs", "learning_rate", "adam_epsilon", "loraplus_lr_ratio",
                      "loraplus_lr_embedding"), (lambda value: value > 0, "> 0")),
     **dict.fromkeys(("weight_decay", "max_grad_norm", "warmup_steps", "seed", "data_seed"),
@@ -343,6 +349,20 @@ def _restore_newest_readable(manager: Any, like: training.TrainState):
                                       f"{damaged[0]}); start the run afresh with overwrite")
 
 
+def _check_token_ids(batch: Mapping, model_config: Any) -> None:
+    """Raises a one-line ValueError when the batch's ``input_ids`` hold an id outside the model's vocabulary
+    (the embedding lookup would make the loss NaN), e.g. a padding id the model cannot embed."""
+    vocab_size = getattr(model_config, "vocab_size", None)
+    if not isinstance(vocab_size, int) or batch.get("input_ids") is None:
+        return
+    ids = np.asarray(batch["input_ids"])
+    outside = ids[(ids < 0) | (ids >= vocab_size)]
+    if outside.size:
+        raise ValueError(f"the training batch holds token id {int(outside.flat[0])}, outside the model's vocabulary "
+                         f"(vocab_size={vocab_size}); set pad_token_id and eos_token_id (tokenizer and model config) "
+                         "to ids within the vocabulary, or resize the model's embeddings to the tokenizer")
+
+
 class _Window:
     """The metrics and throughput of the steps since the last log line."""
 
@@ -444,7 +464,7 @@ class Trainer:
         self.state: training.TrainState | None = None
         self.output_dir = pathlib.Path(args.output_dir)
         self._prepared: dict[int, Any] = {}
-        self._eval_fn = None
+        self._eval_fns: dict[bool, Callable] = {}
         self._written: set[str] = set()  # entries of output_dir listed in its manifest by this Trainer
 
     # ----- data -----
@@ -474,7 +494,9 @@ class Trainer:
         return max(1, math.ceil(self.args.num_train_epochs * steps_per_epoch))
 
     def create_optimizer(self, total_steps: int):
-        """The run's ``(optimizer, schedule)`` for ``total_steps`` updates: what a checkpoint's state was made with."""
+        """The run's ``(optimizer, schedule)`` for ``total_steps`` updates: what a checkpoint's state was made with.
+        The active adapter's method may wrap the optimizer (``training.method_optimizer``: AdaLoRA's rank
+        allocator, whose state the checkpoints then keep)."""
         args = self.args
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
         optimizer, schedule = training.make_optimizer(
@@ -485,7 +507,7 @@ class Trainer:
             optimizer = optax.chain(optimizer, optimizers.scale_by_loraplus(
                 args.loraplus_lr_ratio, learning_rate=args.learning_rate,
                 loraplus_lr_embedding=args.loraplus_lr_embedding))
-        return optimizer, schedule
+        return training.method_optimizer(self.model, optimizer), schedule
 
     def _checkpoints(self):
         from jaxpeft import checkpoints
@@ -583,7 +605,8 @@ class Trainer:
             state = sharding.shard_state(state, state_shardings)
             step_options = {"state_sharding": state_shardings, "batch_sharding": sharding.batch_sharding(mesh)}
         train_step = training.make_train_step(
-            training.peft_loss_fn(self.model, self.task), optimizer, frozen, schedule=schedule,
+            training.peft_loss_fn(self.model, self.task, lm_loss_chunk_size=self.args.lm_loss_chunk_size or None),
+            optimizer, frozen, schedule=schedule,
             grad_accum_steps=args.gradient_accumulation_steps, compute_dtype="bfloat16" if args.bf16 else None,
             **step_options)
         if start:
@@ -615,11 +638,14 @@ class Trainer:
         while the next step runs, so the host never waits for the device except to log, evaluate or save."""
         window, losses = _Window(), []
         proceed, unchecked = True, None  # the last step's metrics and place, its is_finite not read yet
-        step = int(run.state.step)
+        step, first_batch = int(run.state.step), True
         while step < run.total_steps:
             epoch, step_in_epoch = divmod(step, run.steps_per_epoch)
             for indices in self._batch_indices(run.features, epoch, step_in_epoch):
                 batch = self.data_collator([run.features[int(i)] for i in _local_rows(indices)])
+                if first_batch:  # on the host, before the first step
+                    _check_token_ids(batch, getattr(self.model.base_model, "config", None))
+                    first_batch = False
                 run.state, metrics = run.train_step(run.state, _device_batch(batch, run.mesh), proceed)
                 if unchecked is not None:  # read the previous step's flag while this one runs
                     self._stop_if_not_finite(run, unchecked)
@@ -673,7 +699,12 @@ class Trainer:
 
     def _keep_state(self, run: _Run) -> None:
         self.state = run.state
-        self.model.params = training.full_params(run.state, run.frozen)
+        self._adopt(run.state, run.frozen)
+
+    def _adopt(self, state: training.TrainState, frozen: Any) -> None:
+        """The parameters of ``state`` into the model, and the config its method makes of the optimizer state."""
+        self.model.params = training.full_params(state, frozen)
+        training.keep_trained_config(self.model, state.opt_state)
 
     def _keep_final_parameters(self, run: _Run) -> None:
         """The trained parameters into the model: the last step's, or the best checkpoint's when asked."""
@@ -682,8 +713,7 @@ class Trainer:
             run.manager.wait_until_finished()
             best = run.manager.best_step()
             if best is not None and best != int(run.state.step):
-                best_state = run.manager.restore(run.state, best).state
-                self.model.params = training.full_params(best_state, run.frozen)
+                self._adopt(run.manager.restore(run.state, best).state, run.frozen)
 
     def _close(self, run: _Run, failure: BaseException | None) -> None:
         """Closes the progress bar and the checkpoints (waiting for the last write) and plots the curves. When the
@@ -750,11 +780,12 @@ class Trainer:
 
     # ----- evaluation -----
 
-    def _eval_function(self):
+    def _eval_function(self, keep_predictions: bool):
         """The jitted ``(trainable, frozen, batch, weights) -> (sums, logits)``: ``training.peft_outputs_fn``, the
-        loss of training, without dropout."""
-        if self._eval_fn is None:
-            outputs_fn = training.peft_outputs_fn(self.model, self.task)
+        loss of training, without dropout; without predictions a causal LM's head runs in chunks (logits None)."""
+        if keep_predictions not in self._eval_fns:
+            chunk_size = None if keep_predictions else self.args.lm_loss_chunk_size or None
+            outputs_fn = training.peft_outputs_fn(self.model, self.task, lm_loss_chunk_size=chunk_size)
             compute_dtype = jnp.bfloat16 if self.args.bf16 else None
 
             def evaluate(trainable, frozen, batch, weights):
@@ -763,12 +794,12 @@ class Trainer:
                     frozen = training._cast_floats(frozen, compute_dtype)
                 return outputs_fn(combine(trainable, frozen), batch, None, weights)
 
-            self._eval_fn = jax.jit(evaluate)
-        return self._eval_fn
+            self._eval_fns[keep_predictions] = jax.jit(evaluate)
+        return self._eval_fns[keep_predictions]
 
     def _run_eval(self, trainable: Any, frozen: Any, dataset: Any, keep_predictions: bool):
         features = self._features(dataset)
-        evaluate = self._eval_function()
+        evaluate = self._eval_function(keep_predictions)
         sums = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
         predictions, labels = [], []
         labelled = any(key in features[0] for key in ("labels", "label")) or self.task == "causal_lm"

@@ -37,6 +37,7 @@ import optax
 from jaxpeft import quantization, sharding
 from jaxpeft.config import HEAD_TASK_TYPES as TASKS
 from jaxpeft.data import IGNORE_INDEX
+from jaxpeft.losses import DEFAULT_CHUNK_SIZE, chunked_causal_lm_sums
 from jaxpeft.methods.prompt_tuning import extend_labels
 from jaxpeft.tree import ADAPTER_KEYS, CONSTANT_KEYS, SAVED_MODULES_KEY, combine, partition
 
@@ -512,7 +513,45 @@ def _task_of_name(task: str) -> str:
     return task
 
 
-def peft_outputs_fn(peft_model, task: str | None = None, ignore_index: int = IGNORE_INDEX) -> Callable:
+def _model_inputs(batch: Mapping, accepted: set[str], rng: jax.Array | None) -> dict:
+    inputs = {name: value for name, value in batch.items() if name != "labels"}
+    unknown = sorted(set(inputs) - accepted)
+    if unknown:
+        raise ValueError(f"the batch has {unknown}, which the model does not take; it takes "
+                         f"{sorted(accepted - {'deterministic'})} and 'labels'")
+    if "deterministic" in accepted:
+        inputs["deterministic"] = rng is None
+    return inputs
+
+
+def _batch_labels(batch: Mapping, task: str, ignore_index: int) -> jax.Array:
+    """The batch's labels; a causal-LM batch without them scores its ``input_ids`` (padding ignored)."""
+    labels = batch.get("labels")
+    if labels is None:
+        if task != "causal_lm":
+            raise ValueError(f"the batch needs 'labels' for the {task} loss")
+        labels = batch["input_ids"]
+        if batch.get("attention_mask") is not None:
+            labels = jnp.where(jnp.asarray(batch["attention_mask"]) == 0, ignore_index, labels)
+    return jnp.asarray(labels)
+
+
+def runs_head_apart(peft_model) -> bool:
+    """Whether the model's causal-LM loss can run its output head a chunk at a time (``jaxpeft.losses``): a
+    ``jaxpeft.models`` causal LM (``hidden_states`` and ``lm_logits``) whose active adapter, if any, changes
+    layers rather than the whole call (prompt tuning adds positions)."""
+    from jaxpeft.method import method_for
+
+    base = getattr(peft_model, "base_model", peft_model)
+    module = getattr(base, "module", None)
+    if not (hasattr(module, "hidden_states") and hasattr(module, "lm_logits")):
+        return False
+    name = getattr(peft_model, "active_adapter", None)
+    return name is None or method_for(peft_model.peft_config[name]).call is None
+
+
+def peft_outputs_fn(peft_model, task: str | None = None, ignore_index: int = IGNORE_INDEX, *,
+                    lm_loss_chunk_size: int | None = None) -> Callable:
     """``outputs(params, batch, rng, weights=None) -> (sums, logits)``: runs a PeftModel's active adapter (the base
     model when it has none) on a batch and scores it with ``loss_sums``: the loss of training and evaluation alike.
 
@@ -521,7 +560,9 @@ def peft_outputs_fn(peft_model, task: str | None = None, ignore_index: int = IGN
     ignored). ``task`` (``"causal_lm"``, ``"seq_cls"``, ``"token_cls"`` or HF's ``"CAUSAL_LM"``, ...) defaults to
     the model's head. Dropout runs when ``rng`` is a key. When the logits carry virtual tokens (prompt tuning) the
     labels are extended as ``jaxpeft.extend_labels`` does, and the returned float32 ``logits`` are those of the
-    batch's own positions.
+    batch's own positions. With ``lm_loss_chunk_size`` a causal LM's loss runs the output head that many tokens at
+    a time (``jaxpeft.losses.chunked_causal_lm_sums``, where ``runs_head_apart``) and ``logits`` is None: the
+    ``(batch, seq, vocab)`` logits are never held (adapter dropout on the head itself does not run then).
 
     Example:
         >>> import jax, transformers, jaxpeft
@@ -538,25 +579,19 @@ def peft_outputs_fn(peft_model, task: str | None = None, ignore_index: int = IGN
     task = _task_of(peft_model, task)
     apply_fn = peft_model.apply_fn
     accepted = set(inspect.signature(type(peft_model.base_model.module).__call__).parameters) - {"self"}
+    chunked = bool(lm_loss_chunk_size) and task == "causal_lm" and runs_head_apart(peft_model)
 
     def outputs(params: Any, batch: Mapping, rng: jax.Array | None, weights: Any = None):
-        inputs = {name: value for name, value in batch.items() if name != "labels"}
-        unknown = sorted(set(inputs) - accepted)
-        if unknown:
-            raise ValueError(f"the batch has {unknown}, which the model does not take; it takes "
-                             f"{sorted(accepted - {'deterministic'})} and 'labels'")
-        if "deterministic" in accepted:
-            inputs["deterministic"] = rng is None
-        out = apply_fn(params, **inputs, rngs=None if rng is None else {"dropout": rng})
+        inputs = _model_inputs(batch, accepted, rng)
+        labels = _batch_labels(batch, task, ignore_index)
+        rngs = None if rng is None else {"dropout": rng}
+        if chunked:
+            hidden = apply_fn(params, **inputs, rngs=rngs, method="hidden_states")
+            sums = chunked_causal_lm_sums(hidden, labels, lambda h: apply_fn(params, h, method="lm_logits"),
+                                          chunk_size=lm_loss_chunk_size, weights=weights, ignore_index=ignore_index)
+            return sums, None
+        out = apply_fn(params, **inputs, rngs=rngs)
         logits = (out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", out)).astype(jnp.float32)
-        labels = batch.get("labels")
-        if labels is None:
-            if task != "causal_lm":
-                raise ValueError(f"the batch needs 'labels' for the {task} loss")
-            labels = batch["input_ids"]
-            if batch.get("attention_mask") is not None:
-                labels = jnp.where(jnp.asarray(batch["attention_mask"]) == 0, ignore_index, labels)
-        labels = jnp.asarray(labels)
         extra = logits.shape[1] - labels.shape[1] if task != "seq_cls" else 0
         if extra > 0:  # virtual tokens in front (prompt tuning)
             labels = extend_labels(labels, extra, ignore_index)
@@ -566,12 +601,15 @@ def peft_outputs_fn(peft_model, task: str | None = None, ignore_index: int = IGN
     return outputs
 
 
-def peft_loss_fn(peft_model, task: str | None = None, ignore_index: int = IGNORE_INDEX) -> Callable:
+def peft_loss_fn(peft_model, task: str | None = None, ignore_index: int = IGNORE_INDEX, *,
+                 lm_loss_chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> Callable:
     """A ``loss_fn(params, batch, rng)`` for ``make_train_step`` that runs a PeftModel's active adapter.
 
-    The batch, ``task`` and dropout are as for ``peft_outputs_fn``; the loss is its ``loss_sum / count``: the mean
-    over the examples (``"seq_cls"``) or over the labelled tokens. For ``"seq_cls"`` the aux metric ``accuracy`` is
-    returned too.
+    The batch, ``task``, dropout and ``lm_loss_chunk_size`` (None: the full logits) are as for
+    ``peft_outputs_fn``; the loss is its ``loss_sum / count``: the mean
+    over the examples (``"seq_cls"``) or over the labelled tokens, plus, in training (``rng`` a key), the active
+    adapter's method's ``loss_term`` (AdaLoRA's orthogonal regularization). For ``"seq_cls"`` the aux metric
+    ``accuracy`` is returned too.
 
     Example:
         >>> import jax, transformers, jaxpeft
@@ -584,12 +622,62 @@ def peft_loss_fn(peft_model, task: str | None = None, ignore_index: int = IGNORE
         True
     """
     task = _task_of(peft_model, task)
-    outputs = peft_outputs_fn(peft_model, task, ignore_index)
+    outputs = peft_outputs_fn(peft_model, task, ignore_index, lm_loss_chunk_size=lm_loss_chunk_size)
+    extra_term = method_loss_term(peft_model)
 
     def loss_fn(params: Any, batch: Mapping, rng: jax.Array | None):
         sums, _ = outputs(params, batch, rng)
+        loss = _mean(sums)
+        if extra_term is not None and rng is not None:  # training only, as HF PEFT's model.train()
+            loss = loss + extra_term(params)
         if task == "seq_cls":
-            return _mean(sums), {"accuracy": _mean(sums, "correct")}
-        return _mean(sums)
+            return loss, {"accuracy": _mean(sums, "correct")}
+        return loss
 
     return loss_fn
+
+
+# ----- what the active adapter's method adds to training (``jaxpeft.method.Method``'s training hooks) -----
+
+
+def method_loss_term(peft_model) -> Callable[[Any], jax.Array] | None:
+    """``params -> scalar``: the active adapter's method's ``loss_term`` (``jaxpeft.method.Method``), or None."""
+    from jaxpeft.method import method_for
+
+    name = peft_model.active_adapter
+    if name is None:
+        return None
+    config = peft_model.peft_config[name]
+    term = method_for(config).loss_term
+    return None if term is None else lambda params: term(config, params, name)
+
+
+def method_optimizer(peft_model, optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``optimizer`` as the active adapter's method trains with it: its ``wrap_optimizer`` (AdaLoRA's rank
+    allocator), or ``optimizer`` itself."""
+    from jaxpeft.method import method_for
+
+    name = peft_model.active_adapter
+    if name is None:
+        return optimizer
+    config = peft_model.peft_config[name]
+    wrap = method_for(config).wrap_optimizer
+    return optimizer if wrap is None else wrap(config, optimizer, peft_model.params, name)
+
+
+def keep_trained_config(peft_model, opt_state: Any) -> None:
+    """Gives a ``PeftModel``'s active adapter the config its method's ``trained_config`` makes of ``opt_state``
+    (the state of ``method_optimizer``'s optimizer after training), so that ``save_pretrained`` writes it: AdaLoRA's
+    ``rank_pattern``. Models of other kinds (NNX) keep their config."""
+    from jaxpeft.method import method_for
+    from jaxpeft.peft_model import PeftModel, _sample_inputs
+
+    name = peft_model.active_adapter
+    if name is None or not isinstance(peft_model, PeftModel):
+        return
+    config = peft_model.peft_config[name]
+    trained = method_for(config).trained_config
+    if trained is not None:
+        base = peft_model.base_model
+        peft_model.peft_config[name] = trained(config, opt_state, base.apply_fn, peft_model.params, (),
+                                               _sample_inputs(base), name)

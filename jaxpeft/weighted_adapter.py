@@ -55,6 +55,9 @@ def combined_config(configs: Sequence[LoraConfig], combination_type: str, svd_ra
         if config.use_dora:
             raise core.AdapterError("add_weighted_adapter cannot combine DoRA adapters (their magnitude vectors do "
                                     "not add up); merge them one by one instead")
+        if config.trainable_token_indices is not None:
+            raise core.AdapterError("add_weighted_adapter cannot combine adapters with trainable_token_indices (their "
+                                    "embedding rows do not add up); merge them one by one instead")
     ranks = [_rank(config) for config in configs]
     combination_type = "linear" if len(configs) == 1 else combination_type
     if combination_type == "linear":

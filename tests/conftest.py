@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 MINILM_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+COMPILATION_CACHE_MIN_SECONDS = "0.1"  # programs that compile faster are not worth a file
 REVIEW_WORDS = {"pos": ["good", "great", "fine", "nice"], "neg": ["bad", "awful", "poor", "dull"]}
 
 
@@ -43,6 +45,32 @@ def assets(tmp_path_factory):
     lines = ["the cat sat on the mat", "a dog ran in the park", "the sun is warm today", "we like green tea"]
     (root / "lines.csv").write_text("text\n" + "\n".join(lines) + "\n")
     return root
+
+
+def pytest_configure(config):
+    """One XLA compilation cache for the whole run, fresh each time: many tests compile the same program again
+    (each builds its own jitted closure over the same tiny model, and the command-line tests start the same training
+    in several processes); with the cache, XLA compiles each program once per run and the other compilations load
+    it. Tracing still happens every time, and an identical program gives an identical executable. The folder is made
+    by the controller and reaches the xdist workers and every subprocess through the environment."""
+    if hasattr(config, "workerinput") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    settings = {"JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="jaxpeft-tests-xla-"),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": COMPILATION_CACHE_MIN_SECONDS}
+    config.jaxpeft_compilation_cache = settings
+    os.environ.update(settings)
+    if "jax" in sys.modules:  # imported before this hook: its flags have read the environment already
+        sys.modules["jax"].config.update("jax_compilation_cache_dir", settings["JAX_COMPILATION_CACHE_DIR"])
+        sys.modules["jax"].config.update("jax_persistent_cache_min_compile_time_secs",
+                                         float(COMPILATION_CACHE_MIN_SECONDS))
+
+
+def pytest_unconfigure(config):
+    settings = getattr(config, "jaxpeft_compilation_cache", None)
+    if settings:
+        shutil.rmtree(settings["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+        for variable in settings:
+            os.environ.pop(variable, None)
 
 
 def pytest_sessionfinish(session):

@@ -13,6 +13,12 @@
     python sharding_worker.py distributed_trainer PORT ID DIR OUT
                                                       the same Trainer run as one of two processes, with an Orbax
                                                       checkpoint and the adapter saved by the first process
+    python sharding_worker.py eight_devices DIR       (8 devices) what the tests need in one process: train on each
+                                                      of TRAIN_MESHES (DIR/fsdp, DIR/tensor), checkpoint (DIR/restored),
+                                                      trainer on TRAINER_MESH (DIR/mesh)
+    python sharding_worker.py two_processes PORT ID DIR
+                                                      one of two processes: distributed (DIR/distributed), then
+                                                      distributed_trainer (DIR/run, DIR/two)
 """
 
 import json
@@ -20,7 +26,7 @@ import sys
 
 import jax
 
-if __name__ == "__main__" and sys.argv[1].startswith("distributed"):  # before any other JAX work
+if __name__ == "__main__" and sys.argv[1] in ("distributed", "distributed_trainer", "two_processes"):  # first
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{sys.argv[2]}", num_processes=2,
                                process_id=int(sys.argv[3]))
@@ -34,6 +40,8 @@ from jaxpeft.models import AutoModelForCausalLM  # noqa: E402
 
 STEPS = 3
 BATCH, LENGTH = 8, 16
+TRAIN_MESHES = {"fsdp": "data=2,fsdp=4", "tensor": "data=2,tensor=4"}
+TRAINER_MESH = "data=2,fsdp=4"
 
 
 def peft_model():
@@ -167,9 +175,23 @@ def distributed_trainer(port: str, process_id: str, directory: str, out: str) ->
     trainer_run("data=-1", directory, out, save=True)
 
 
+def eight_devices(directory: str) -> None:
+    """Every 8-device run of the tests, in one process: one start-up instead of four."""
+    for name, mesh_text in TRAIN_MESHES.items():
+        train(mesh_text, f"{directory}/{name}")
+    checkpoint(f"{directory}/checkpoints", f"{directory}/restored")
+    trainer_run(TRAINER_MESH, f"{directory}/mesh", f"{directory}/mesh")
+
+
+def two_processes(port: str, process_id: str, directory: str) -> None:
+    """Both two-process runs of the tests in one runtime: one start-up and one rendezvous instead of two."""
+    distributed(port, process_id, f"{directory}/distributed")
+    distributed_trainer(port, process_id, f"{directory}/run", f"{directory}/two")
+
+
 if __name__ == "__main__":
     import jax.experimental.multihost_utils  # noqa: F401
 
     {"train": train, "reference": reference, "distributed": distributed, "checkpoint": checkpoint,
-     "trainer": trainer_run, "distributed_trainer": distributed_trainer}[sys.argv[1]](
-        *sys.argv[2:])
+     "trainer": trainer_run, "distributed_trainer": distributed_trainer, "eight_devices": eight_devices,
+     "two_processes": two_processes}[sys.argv[1]](*sys.argv[2:])

@@ -433,3 +433,178 @@ def test_hf_in_training_rank_pattern_keys_are_normalised():
     config = AdaLoraConfig(init_r=2, total_step=3, rank_pattern={"m.q_proj.lora_E.default": [True, False]})
     assert config.rank_pattern == {"m.q_proj.lora_E": [True, False]}
     assert config.kept_ranks("m.q_proj").tolist() == [True, False]
+
+
+# ----- the Trainer drives the allocator -----
+
+TRAIN_DATA = [{"input_ids": [int(t) for t in np.random.default_rng(i).integers(1, 99, 5 + i % 4)]} for i in range(8)]
+EVAL_DATA = TRAIN_DATA[:3]
+
+
+def _trainer_args(folder, **extra):
+    """11 steps (HF's global_step 0-10: warmup, budget decay and the final phase), Adam at a constant rate, no
+    clipping (the allocator scores the gradients it is given)."""
+    return jaxpeft.TrainingArguments(folder, **{
+        "max_steps": SCHEDULE["total_step"] + 1, "per_device_train_batch_size": 2, "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant", "max_grad_norm": 0.0, "logging_steps": 1, "save_steps": 4,
+        "disable_tqdm": True, "seed": 3, **extra})
+
+
+def _trainer_model(llama):
+    """A fresh AdaLoRA PeftModel on the scanned Llama (its stacks skip layer 1: ``layers_to_transform``)."""
+    return jaxpeft.get_peft_model(llama["models"][True], AdaLoraConfig(target_modules=llama["targets"], **OPTIONS))
+
+
+@pytest.fixture(scope="module")
+def trained(llama, tmp_path_factory):
+    """One Trainer run, its model before training and its first batch."""
+    model = _trainer_model(llama)
+    initial = model.params
+    trainer = jaxpeft.Trainer(model=model, args=_trainer_args(tmp_path_factory.mktemp("adalora_run")),
+                              train_dataset=TRAIN_DATA, eval_dataset=EVAL_DATA)
+    first_batch = next(iter(trainer._batch_indices(trainer._features(TRAIN_DATA), 0, 0)))
+    trainer.train()
+    return dict(trainer=trainer, model=model, initial=initial, first_batch=[TRAIN_DATA[int(i)] for i in first_batch])
+
+
+def test_trainer_allocates_ranks_as_the_manual_loop(llama, trained):
+    """The same batches through ``update_and_allocate`` after each step of the same optax optimizer, with the
+    orthogonal regularization in the loss: the same masks, budget and parameters."""
+    from jaxpeft import training
+
+    trainer, model = trained["trainer"], _trainer_model(llama)
+    config = model.peft_config["default"]
+    mask = model.trainable_mask
+    optimizer = jaxpeft.freeze(training.make_optimizer(1e-2, total_steps=11, schedule="constant")[0], mask)
+
+    def loss(params, batch):
+        logits = model.apply_fn(params, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return (training.causal_lm_loss(logits, batch["labels"])
+                + config.orth_reg_weight * adalora.orthogonal_regularization(params))
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        grads = jax.grad(loss)(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, grads
+
+    params, opt_state = model.params, optimizer.init(model.params)
+    allocator = adalora.init_allocator(config, params)
+    assert adalora.budgets(config, allocator) == (24, 12)  # 2 of the 3 layers, 3 targets, init_r=4, target_r=2
+    features = trainer._features(TRAIN_DATA)
+    batches = [indices for epoch in range(3) for indices in trainer._batch_indices(features, epoch, 0)]
+    for number, indices in enumerate(batches[:SCHEDULE["total_step"] + 1]):
+        batch = {k: jnp.asarray(v) for k, v in trainer.data_collator([features[int(i)] for i in indices]).items()}
+        params, opt_state, grads = step(params, opt_state, batch)
+        params, allocator = adalora.update_and_allocate(config, allocator, params, grads, number)
+
+    ours = trainer.state.opt_state.allocator
+    assert int(ours["budget"]) == int(allocator["budget"]) == 12 and bool(ours["allocated"])
+    for module, kept in allocator["mask"].items():
+        np.testing.assert_array_equal(ours["mask"][module], kept, err_msg=module)
+    assert len({int(np.asarray(kept)[i].sum()) for kept in allocator["mask"].values() for i in (0, 2)}) > 1
+    trained_leaves, expected = flatten(trained["model"].params), flatten(params)
+    error = max(float(np.abs(np.asarray(trained_leaves[path]) - np.asarray(value)).max()) for path, value in
+                expected.items())
+    print(f"\nTrainer vs manual update_and_allocate loop: max |params difference| = {error:.2e}")
+    for path, value in expected.items():
+        np.testing.assert_allclose(trained_leaves[path], value, rtol=1e-6, atol=1e-6, err_msg=str(path))
+    e_leaves = adalora._leaves(trained["model"].params, "default")
+    for module, kept in allocator["mask"].items():
+        assert not np.asarray(e_leaves[module]["adalora_E"])[~np.asarray(kept)].any(), module
+
+
+def _hand_token_loss(model, params, examples):
+    """Mean next-token cross-entropy over every token of ``examples`` (right-padded into one call, which a causal
+    model's real positions do not see), in float64."""
+    length = max(len(example["input_ids"]) for example in examples)
+    ids = np.array([example["input_ids"] + [0] * (length - len(example["input_ids"])) for example in examples])
+    all_logits = np.asarray(_apply(model.base_model, model.peft_config["default"])(params, ids).logits, np.float64)
+    total, count = 0.0, 0
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        logits = all_logits[row, :n - 1]
+        log_probs = logits - logits.max(-1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+        total -= log_probs[np.arange(n - 1), ids[row, 1:n]].sum()
+        count += n - 1
+    return total / count
+
+
+def _hand_orthogonal_regularization(params):
+    """The mean of ‖A Aᵀ - I‖_F and ‖Bᵀ B - I‖_F over the adapted layers (stack entries 0 and 2), in float64."""
+    norms = []
+    for path, leaf in flatten(params).items():
+        if path[-2] in ("adalora_A", "adalora_B"):
+            for index in (0, 2):
+                factor = np.asarray(leaf, np.float64)[index]
+                gram = factor @ factor.T if path[-2] == "adalora_A" else factor.T @ factor
+                norms.append(np.linalg.norm(gram - np.eye(len(gram))))
+    assert len(norms) == 2 * 2 * 3
+    return float(np.mean(norms))
+
+
+def test_trainer_training_loss_adds_orthogonal_regularization_and_eval_loss_does_not(llama, trained):
+    model, trainer = trained["model"], trained["trainer"]
+    config = model.peft_config["default"]
+    orth = _hand_orthogonal_regularization(trained["initial"])
+    first = _hand_token_loss(model, trained["initial"], trained["first_batch"]) + config.orth_reg_weight * orth
+    logged = next(r["loss"] for r in trainer.log_history if r.get("step") == 1 and "grad_norm" in r)
+    assert orth > 0.1
+    np.testing.assert_allclose(logged, first, rtol=2e-5)
+    eval_loss = trainer.evaluate()["eval_loss"]
+    np.testing.assert_allclose(eval_loss, _hand_token_loss(model, model.params, EVAL_DATA), rtol=2e-5)
+
+
+def test_trainer_resumed_run_ends_with_the_same_params_and_allocator_state(llama, trained, tmp_path):
+    class StopAfter:  # a collator that raises on its 7th call: the run killed during step 7, after checkpoint 4
+        def __init__(self, collator):
+            self.collator, self.calls = collator, 0
+
+        def __call__(self, features):
+            self.calls += 1
+            if self.calls > 6:
+                raise KeyboardInterrupt
+            return self.collator(features)
+
+    interrupted = jaxpeft.Trainer(model=_trainer_model(llama), args=_trainer_args(tmp_path), train_dataset=TRAIN_DATA)
+    interrupted.data_collator = StopAfter(interrupted.data_collator)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    model = _trainer_model(llama)
+    resumed = jaxpeft.Trainer(model=model, args=_trainer_args(tmp_path), train_dataset=TRAIN_DATA)
+    resumed.train(resume_from_checkpoint=True)
+    assert [r["step"] for r in resumed.log_history if "grad_norm" in r] == list(range(1, 12))
+    whole = trained["trainer"].state
+    for name, expected, got in ((("params",), trained["model"].params, model.params),
+                                (("opt_state",), whole.opt_state, resumed.state.opt_state)):
+        expected_leaves = jax.tree_util.tree_leaves_with_path(expected)
+        got_leaves = jax.tree_util.tree_leaves_with_path(got)
+        assert [p for p, _ in expected_leaves] == [p for p, _ in got_leaves]
+        for (path, value), (_, other) in zip(expected_leaves, got_leaves, strict=True):
+            np.testing.assert_array_equal(other, value, err_msg=f"{name} {jax.tree_util.keystr(path)}")
+    assert int(resumed.state.opt_state.count) == 11 and model.peft_config["default"].rank_pattern
+
+
+def test_trainer_saves_the_rank_pattern_and_torch_peft_loads_it(llama, trained, tmp_path):
+    import json
+
+    model, trainer = trained["model"], trained["trainer"]
+    trainer.save_model(tmp_path)
+    pattern = json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"]
+    allocator = trainer.state.opt_state.allocator
+    names = _module_names(model.base_model)
+    assert len(pattern) == 2 * 3
+    for module, virtual in names.items():
+        for index, name in virtual.items():
+            assert pattern[f"{name}.lora_E"] == np.asarray(allocator["mask"][module])[index].tolist(), name
+    base = transformers.AutoModelForCausalLM.from_pretrained(llama["base_folder"]).eval()
+    torch_model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    for name, factors in _factor_names(torch_model).items():
+        assert factors["adalora_E"].shape[0] == sum(pattern[f"{name}.lora_E"]), name
+    ours = _logits(model(input_ids=IDS, attention_mask=MASK))
+    expected = _torch_logits(torch_model)
+    error = float(np.abs(ours[KEEP] - expected[KEEP]).max())
+    print(f"\nTrainer-saved AdaLoRA -> torch PEFT: max |jaxpeft - torch PEFT| logits = {error:.2e}")
+    np.testing.assert_allclose(ours[KEEP], expected[KEEP], atol=1e-4, rtol=1e-4)
+    assert np.abs(expected[KEEP] - llama["base_logits"][KEEP]).max() > 1e-3

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import filelock
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,12 +26,43 @@ WORKER = HERE / "sharding_worker.py"
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
-def run_worker(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+def run_worker(*args, env=None, timeout=900) -> subprocess.CompletedProcess:
     environment = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     done = subprocess.run([sys.executable, str(WORKER), *map(str, args)], cwd=HERE, env=environment,
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def shared_run(tmp_path_factory, worker_id: str, name: str, start) -> pathlib.Path:
+    """The folder ``start(folder)`` fills, once per session: when xdist hands the tests that read it to both workers,
+    the second waits for the first one's run and reads it too."""
+    if worker_id == "master":
+        folder = tmp_path_factory.mktemp(name)
+        start(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # shared by the workers of this session
+    folder, done = root / name, root / f"{name}.done"
+    with filelock.FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            folder.mkdir(exist_ok=True)
+            start(folder)
+            done.touch()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def eight_device_runs(tmp_path_factory, worker_id):
+    """The folder of the worker's ``eight_devices`` runs (training on both meshes, the checkpoint, the Trainer)."""
+    return shared_run(tmp_path_factory, worker_id, "eight_devices",
+                      lambda folder: run_worker("eight_devices", folder, env=EIGHT_DEVICES))
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory, worker_id):
+    """The folder of the worker's ``two_processes`` runs (three steps, then the Trainer), as processes 0 and 1."""
+    return shared_run(tmp_path_factory, worker_id, "two_processes",
+                      lambda folder: run_two_processes("two_processes", folder))
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +203,12 @@ def test_other_methods_and_saved_modules_get_their_layers_axes():
 
 
 @pytest.mark.parametrize("mesh_text, spread", [("data=2,fsdp=4", "fsdp"), ("data=2,tensor=4", "tensor")])
-def test_sharded_training_matches_one_device(tmp_path, one_device_run, mesh_text, spread):
+def test_sharded_training_matches_one_device(eight_device_runs, one_device_run, mesh_text, spread):
+    import sharding_worker
+
+    assert sharding_worker.TRAIN_MESHES[spread] == mesh_text
     expected, expected_losses = one_device_run
-    out = tmp_path / "run"
-    run_worker("train", mesh_text, out, env=EIGHT_DEVICES)
+    out = eight_device_runs / spread
     got = np.load(f"{out}.npz")
     np.testing.assert_allclose(got["losses"], expected_losses, rtol=1e-5)
     for name, value in expected.items():
@@ -214,9 +248,8 @@ def test_axes_that_do_not_divide_stay_whole(tmp_path):
     assert "a global batch of 3 rows cannot be split 2 ways" in done.stdout
 
 
-def test_checkpoint_of_a_4x2_mesh_restores_on_8x1_and_one_device(tmp_path):
-    out = tmp_path / "restored"
-    run_worker("checkpoint", tmp_path / "checkpoints", out, env=EIGHT_DEVICES)
+def test_checkpoint_of_a_4x2_mesh_restores_on_8x1_and_one_device(eight_device_runs):
+    out = eight_device_runs / "restored"
     results = json.loads(pathlib.Path(f"{out}.json").read_text())
     assert results["8x1"]["equal"] and results["one_device"]["equal"]
     assert results["8x1"]["devices"] == [8]
@@ -241,7 +274,7 @@ def run_two_processes(mode: str, *paths) -> None:
                                 env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for i in range(2)]
     try:
-        outputs = [worker.communicate(timeout=300) for worker in workers]
+        outputs = [worker.communicate(timeout=900) for worker in workers]
     finally:
         for worker in workers:
             worker.kill()
@@ -249,10 +282,9 @@ def run_two_processes(mode: str, *paths) -> None:
         assert worker.returncode == 0, stderr[-3000:]
 
 
-def test_two_processes_train_like_one(tmp_path, one_device_run):
+def test_two_processes_train_like_one(two_process_runs, one_device_run):
     expected, expected_losses = one_device_run
-    out = tmp_path / "distributed"
-    run_two_processes("distributed", out)
+    out = two_process_runs / "distributed"
     got = np.load(f"{out}.npz")
     assert int(got["processes"]) == 2
     np.testing.assert_allclose(got["losses"], expected_losses, rtol=1e-5)
@@ -270,9 +302,11 @@ def one_device_trainer(tmp_path_factory):
     return np.load(folder / "one.npz")
 
 
-def test_trainer_with_a_mesh_trains_like_one_device(tmp_path, one_device_trainer):
-    run_worker("trainer", "data=2,fsdp=4", tmp_path / "mesh", tmp_path / "mesh", env=EIGHT_DEVICES)
-    one, mesh = one_device_trainer, np.load(tmp_path / "mesh.npz")
+def test_trainer_with_a_mesh_trains_like_one_device(eight_device_runs, one_device_trainer):
+    import sharding_worker
+
+    assert sharding_worker.TRAINER_MESH == "data=2,fsdp=4"
+    one, mesh = one_device_trainer, np.load(eight_device_runs / "mesh.npz")
     assert int(one["batch"]) == int(mesh["batch"]) == 16  # 8 per device x 1 device x 2 == 1 x 8 devices x 2
     np.testing.assert_allclose(mesh["eval_loss"], one["eval_loss"], rtol=1e-6)
     for name in one.files:
@@ -281,12 +315,11 @@ def test_trainer_with_a_mesh_trains_like_one_device(tmp_path, one_device_trainer
         np.testing.assert_allclose(mesh[name], one[name], atol=2e-4, rtol=1e-4, err_msg=name)
 
 
-def test_trainer_over_two_processes_checkpoints_and_saves_one_adapter(tmp_path, one_device_trainer):
+def test_trainer_over_two_processes_checkpoints_and_saves_one_adapter(two_process_runs, one_device_trainer):
     import sharding_worker
 
-    run = tmp_path / "run"
-    run_two_processes("distributed_trainer", run, tmp_path / "two")
-    one, two = one_device_trainer, np.load(tmp_path / "two.npz")
+    run = two_process_runs / "run"
+    one, two = one_device_trainer, np.load(two_process_runs / "two.npz")
     np.testing.assert_allclose(two["eval_loss"], one["eval_loss"], rtol=1e-6)
     for name in one.files:
         np.testing.assert_allclose(two[name], one[name], atol=2e-4, rtol=1e-4, err_msg=name)

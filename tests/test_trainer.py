@@ -321,3 +321,20 @@ def test_bad_datasets_are_clear_errors(bert_base, tmp_path):
         Trainer(model=model, args=args, train_dataset=sentiment_data(8)).train(resume_from_checkpoint=True)
     with pytest.raises(TypeError, match="get_peft_model"):
         Trainer(model=bert_base, args=args)
+
+
+def test_token_ids_outside_the_vocabulary_are_a_one_line_error_before_the_first_step(tmp_path):
+    """GPT-2's default bos/eos 50256 padding a model with a tiny vocabulary: refused before any step, not NaN."""
+    base = AutoModelForCausalLM.from_config(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40,
+                                                                    n_positions=32), seed=0)
+    model = jaxpeft.get_peft_model(base, jaxpeft.LoraConfig(r=2))
+    data = [{"input_ids": [1, 2, 3, 4 + i % 5]} for i in range(8)]
+    trainer = Trainer(model=model, args=TrainingArguments(tmp_path, max_steps=2, per_device_train_batch_size=4,
+                                                          save_strategy="no", disable_tqdm=True), train_dataset=data)
+    before = leaves(model.params)
+    with pytest.raises(ValueError, match=r"token id 50256, outside the model's vocabulary \(vocab_size=40\); set "
+                                         r"pad_token_id and eos_token_id") as error:
+        trainer.train()
+    assert "\n" not in str(error.value) and trainer.state is None
+    for name, value in leaves(model.params).items():
+        np.testing.assert_array_equal(value, before[name])

@@ -21,20 +21,25 @@ PEFT writes it) says which rows the adapter files hold: saving keeps those rows 
 model computes what HF PEFT's resized one does. ``init_lora_weights=True`` starts ``E`` at zero and ``A``, ``B``
 from ``N(0, 0.02²)``; ``False`` draws all three from ``N(0, 1)`` (HF PEFT's ``torch.randn``).
 
-The rank allocator is pure functions for the training loop: ``init_allocator``, ``update_and_allocate`` (after
-each optimizer step, as HF PEFT's ``update_and_allocate``), ``orthogonal_regularization`` (added to the loss with
-weight ``orth_reg_weight``) and ``rank_pattern`` (the config's ``rank_pattern`` after allocation).
+``jaxpeft.Trainer`` drives the rank allocator through the method's hooks: ``loss_term`` adds ``orth_reg_weight``
+times ``orthogonal_regularization`` to the training loss, ``allocate_ranks`` wraps the optimizer in the allocator
+(an optax transformation: its state is in the optimizer state, so checkpoints and resumption keep it) and
+``trained_config`` sets ``rank_pattern`` before the adapter is saved. For a loop of your own, the same pieces are
+pure functions: ``allocate_ranks``, or ``init_allocator`` and ``update_and_allocate`` (after each optimizer step, as
+HF PEFT's ``update_and_allocate``), ``orthogonal_regularization`` and ``rank_pattern`` (the config's
+``rank_pattern`` after allocation).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxpeft import _layouts
 from jaxpeft.config import (
@@ -273,9 +278,6 @@ def task_defaults(config: AdaLoraConfig, model) -> dict[str, Any]:
     return {}
 
 
-METHOD = register(reweight_method(
-    AdaLoraConfig, FACTORS, layer_leaves, sizes, active_key=ACTIVE, method_name="AdaLoRA", delta=delta,
-    dropout_rate=lambda config: config.lora_dropout, task_defaults=task_defaults, torch_tensors=torch_tensors))
 
 
 # ----- the rank allocator (HF PEFT's RankAllocator), as pure functions for the training loop -----
@@ -329,16 +331,28 @@ def init_allocator(config: AdaLoraConfig, params: Any, adapter_name: str = "defa
     """The allocator's state for the adapter in ``params`` (a pytree of arrays, to checkpoint with the optimizer's):
     the sensitivity and uncertainty EMAs of every factor, the kept ranks ``mask`` (``[*stack, init_r]`` per
     module), which stack entries are adapted, the current ``budget`` and whether ranks were ``allocated`` yet."""
-    leaves = _leaves(params, adapter_name)
-    factors = _factors(params, adapter_name, "params")
-    zeros = {m: {k: jnp.zeros(v.shape, jnp.float32) for k, v in f.items()} for m, f in factors.items()}
-    active = {m: (jnp.asarray(leaves[m][ACTIVE]) != 0) if ACTIVE in leaves[m] else
-              jnp.ones(f["adalora_E"].shape[:-2], bool) for m, f in factors.items()}
-    mask = {m: jnp.ones(f["adalora_E"].shape[:-1], bool) for m, f in factors.items()}
-    state = {"sensitivity": zeros, "uncertainty": zeros, "mask": mask, "active": active,
-             "allocated": jnp.asarray(False)}
+    active = _active_entries(params, adapter_name)
+    state = _fresh_state(_factors(params, adapter_name, "params"), active)
     state["budget"] = jnp.asarray(budgets(config, state)[0], jnp.int32)
     return state
+
+
+def _active_entries(params: Any, adapter_name: str) -> dict[str, np.ndarray]:
+    """``{module: bool [*stack]}``: the stack entries the adapter adapts (its ``adalora_active`` constant; all of
+    them where ``params`` lacks it)."""
+    leaves = _leaves(params, adapter_name)
+    return {m: np.asarray(leaves[m][ACTIVE]) != 0 if ACTIVE in leaves[m] else
+            np.ones(np.shape(leaves[m]["adalora_E"])[:-2], bool) for m in _factors(params, adapter_name, "params")}
+
+
+def _fresh_state(factors: dict[str, dict[str, Any]], active: Mapping[str, Any]) -> dict[str, Any]:
+    """EMAs at zero, every rank kept, nothing allocated yet (``budget`` left to the caller)."""
+    def zeros():  # new arrays for each EMA: a train step that donates the state must not see one buffer twice
+        return {m: {k: jnp.zeros(v.shape, jnp.float32) for k, v in f.items()} for m, f in factors.items()}
+
+    mask = {m: jnp.ones(f["adalora_E"].shape[:-1], bool) for m, f in factors.items()}
+    return {"sensitivity": zeros(), "uncertainty": zeros(), "mask": mask,
+            "active": {m: jnp.asarray(on) for m, on in active.items()}, "allocated": jnp.asarray(False)}
 
 
 def budgets(config: AdaLoraConfig, state: dict[str, Any]) -> tuple[int, int]:
@@ -452,6 +466,128 @@ def update_and_allocate(config: AdaLoraConfig, state: dict[str, Any], params: An
     return _with_e(params, adapter_name, new_e), state
 
 
+class AllocatorState(NamedTuple):
+    """The state of ``allocate_ranks``' optimizer: the wrapped optimizer's, the number of updates done (HF PEFT's
+    ``global_step`` of the next one) and the allocator's (``init_allocator``'s dict)."""
+
+    inner: Any
+    count: jax.Array
+    allocator: dict[str, Any]
+
+
+def _schedule_table(config: AdaLoraConfig, initial: int, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """``budget_schedule`` for steps ``0 ... total_step - tfinal``, as arrays to index with a traced step: HF PEFT
+    computes the cubic in float64, which float32 on the device would round differently at some steps."""
+    steps = range(config.total_step - config.tfinal + 1)
+    table = [budget_schedule(config, step, initial, target) for step in steps]
+    return np.asarray([budget for budget, _ in table], np.int32), np.asarray([now for _, now in table], bool)
+
+
+def _allocation_step(config: AdaLoraConfig, state: dict[str, Any], params: Any, grads: Any, step: jax.Array,
+                     schedule: tuple[int, np.ndarray, np.ndarray], adapter_name: str) -> tuple[dict, dict]:
+    """``update_and_allocate`` on a traced ``step``, with ``schedule`` the initial budget and ``_schedule_table``:
+    returns ``(new state, {module: bool [*stack, init_r, 1], the rows of E to zero})``."""
+    end = config.total_step - config.tfinal
+    betas = ((np.float32(config.beta1), np.float32(1 - config.beta1)),
+             (np.float32(config.beta2), np.float32(1 - config.beta2)))
+    factors = _factors(params, adapter_name, "params")
+    e_leaves = {m: f["adalora_E"] for m, f in factors.items()}
+    sensitivity, uncertainty = _update_importance(state["sensitivity"], state["uncertainty"], factors,
+                                                  _factors(grads, adapter_name, "grads"), betas)
+    keep_old = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(step < end, n, o), new, old)  # noqa: E731
+    sensitivity, uncertainty = keep_old(sensitivity, state["sensitivity"]), keep_old(uncertainty, state["uncertainty"])
+    initial, budgets_by_step, mask_by_step = schedule[0], jnp.asarray(schedule[1]), jnp.asarray(schedule[2])
+    index = jnp.minimum(step, end)
+    budget = jnp.where(step <= end, budgets_by_step[index], state["budget"])
+    remask = (step <= end) & (mask_by_step[index] | (step == end))
+    keep, _ = _mask_to_budget(sensitivity, uncertainty, state["active"], e_leaves, initial - budget)
+    mask = {m: jnp.where(remask, keep[m], state["mask"][m]) for m in keep}
+    reset = step == end
+    zero_at_end = lambda tree: jax.tree_util.tree_map(lambda x: jnp.where(reset, 0, x), tree)  # noqa: E731
+    new_state = {**state, "sensitivity": zero_at_end(sensitivity), "uncertainty": zero_at_end(uncertainty),
+                 "mask": mask, "budget": budget.astype(jnp.int32), "allocated": state["allocated"] | remask}
+    zeroed = {m: (remask | (step > end)) & ~mask[m][..., None] for m in mask}
+    return new_state, zeroed
+
+
+def allocate_ranks(config: AdaLoraConfig, optimizer: optax.GradientTransformation, params: Any,
+                   adapter_name: str = "default") -> optax.GradientTransformation:
+    """``optimizer`` followed by HF PEFT's ``update_and_allocate``, as one jittable optax transformation.
+
+    ``update(grads, state, params)`` runs ``optimizer``, updates the importance EMAs from the updated parameters
+    and ``grads`` and, on the schedule's steps, zeroes the rows of ``E`` that score lowest, returning updates that
+    ``optax.apply_updates`` turns into exactly what ``update_and_allocate`` returns after that optimizer step (the
+    ``n``-th update is HF PEFT's ``global_step`` ``n``, counting from 0). The allocator's state is part of the
+    optimizer state (``AllocatorState``), so checkpoints keep it. The transformation works on any tree holding the
+    adapter's factors, e.g. the trainable subtree (frozen leaves ``None``) that ``jaxpeft.training`` optimizes.
+    ``params`` (the whole variables, with the adapter's ``adalora_active`` constants) says which layers of a
+    scanned stack are adapted, and so the budget; ``trained_config`` gives the ``rank_pattern`` to save.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, jaxpeft
+        >>> from jaxpeft.methods import adalora
+        >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(8)])
+        >>> x = jnp.ones((2, 4))
+        >>> config = adalora.AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=1, total_step=4,
+        ...                                target_modules=["layers_0", "layers_2"], init_lora_weights=False)
+        >>> variables = jaxpeft.init_adapters(jax.random.key(0), config, model.apply,
+        ...                                   model.init(jax.random.key(1), x), x)
+        >>> apply = jaxpeft.rewrite(model.apply, config)
+        >>> optimizer = adalora.allocate_ranks(config, optax.sgd(1e-3), variables)
+        >>> loss = lambda params: jnp.mean(apply({"params": params}, x) ** 2)
+        >>> params, opt_state = variables["params"], optimizer.init(variables["params"])
+        >>> @jax.jit
+        ... def step(params, opt_state):
+        ...     updates, opt_state = optimizer.update(jax.grad(loss)(params), opt_state, params)
+        ...     return optax.apply_updates(params, updates), opt_state
+        >>> for _ in range(config.total_step + 1):
+        ...     params, opt_state = step(params, opt_state)
+        >>> int(opt_state.allocator["budget"]), sorted(int(m.sum()) for m in opt_state.allocator["mask"].values())
+        (4, [1, 3])
+    """
+    active = _active_entries(params, adapter_name)
+    shapes = {m: {k: jax.ShapeDtypeStruct(np.shape(v), jnp.float32) for k, v in f.items()}
+              for m, f in _factors(params, adapter_name, "params").items()}
+    adapted = sum(int(on.sum()) for on in active.values())
+    initial = adapted * config.init_r
+    schedule = (initial, *_schedule_table(config, initial, adapted * config.target_r))
+
+    def init(params):  # the allocator's shapes are those of ``variables``' factors (optax may pass placeholders)
+        allocator = _fresh_state(shapes, active)
+        allocator["budget"] = jnp.asarray(initial, jnp.int32)
+        return AllocatorState(optimizer.init(params), jnp.zeros((), jnp.int32), allocator)
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("allocate_ranks needs the parameters in update(grads, state, params): the allocator "
+                             "scores the updated parameters")
+        updates, inner = optimizer.update(grads, state.inner, params)
+        stepped = optax.apply_updates(params, updates)
+        allocator, zeroed = _allocation_step(config, state.allocator, stepped, grads, state.count, schedule,
+                                             adapter_name)
+        old_e = {m: f["adalora_E"] for m, f in _factors(params, adapter_name, "params").items()}
+        # a zeroed row's update is -E, so that E + update is exactly 0
+        new_updates = {m: jnp.where(zeroed[m], -old_e[m], u["adalora_E"])
+                       for m, u in _factors(updates, adapter_name, "updates").items()}
+        return _with_e(updates, adapter_name, new_updates), AllocatorState(inner, state.count + 1, allocator)
+
+    return optax.GradientTransformation(init, update)
+
+
+def trained_config(config: AdaLoraConfig, opt_state: Any, apply_fn: Any, variables: Any, sample_args: tuple,
+                   sample_kwargs: Mapping, adapter_name: str = "default") -> AdaLoraConfig:
+    """``config`` with the ``rank_pattern`` of the ``allocate_ranks`` state found in ``opt_state`` (unchanged
+    before the first allocation), so that the saved adapter holds only the kept rows, as HF PEFT's.
+    ``apply_fn(variables, *sample_args, **sample_kwargs)`` is traced to name the layers (see ``rank_pattern``)."""
+    del adapter_name
+    found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, AllocatorState))
+             if isinstance(s, AllocatorState)]
+    if not found:
+        return config
+    pattern = rank_pattern(found[0].allocator, apply_fn, variables, *sample_args, **sample_kwargs)
+    return config if pattern is None else dataclasses.replace(config, rank_pattern=pattern)
+
+
 def orthogonal_regularization(params: Any, adapter_name: str = "default") -> jax.Array:
     """HF PEFT's orthogonal regularization of the adapter's factors: the mean over every adapted layer's ``A`` and
     ``B`` of ``‖A Aᵀ - I‖_F`` and ``‖Bᵀ B - I‖_F``. The training loss adds ``orth_reg_weight`` times it."""
@@ -487,3 +623,15 @@ def rank_pattern(state: dict[str, Any], apply_fn: Any, variables: Any, *sample_a
             if active[index]:
                 pattern[f"{name}.lora_E"] = keep[index].tolist()
     return pattern
+
+
+def loss_term(config: AdaLoraConfig, params: Any, adapter_name: str = "default") -> jax.Array:
+    """What HF PEFT's ``AdaLoraModel.forward`` adds to the loss: ``orth_reg_weight`` times
+    ``orthogonal_regularization``."""
+    return config.orth_reg_weight * orthogonal_regularization(params, adapter_name)
+
+
+METHOD = register(reweight_method(
+    AdaLoraConfig, FACTORS, layer_leaves, sizes, active_key=ACTIVE, method_name="AdaLoRA", delta=delta,
+    dropout_rate=lambda config: config.lora_dropout, task_defaults=task_defaults, torch_tensors=torch_tensors,
+    loss_term=loss_term, wrap_optimizer=allocate_ranks, trained_config=trained_config))

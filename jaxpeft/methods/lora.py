@@ -67,6 +67,7 @@ from jaxpeft.core import (
     resolve_parameters,
 )
 from jaxpeft.method import Method, register
+from jaxpeft.methods import trainable_tokens
 from jaxpeft.quantization import QuantizationConfig, QuantizedArray, dequantize, is_quantized, quantize_array
 
 Path = tuple[str, ...]
@@ -81,6 +82,8 @@ LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}  # HF PEFT's LoftQConfig
 # jaxpeft quantizer of each loftq_bits value: bitsandbytes' nf4 in blocks of 64, int8 with one scale per output
 LOFTQ_QUANTIZERS = {4: QuantizationConfig("nf4", block_size=64), 8: QuantizationConfig("int8", block_size=None)}
 MAGNITUDE = "lora_magnitude_vector"
+TOKEN_ROWS = trainable_tokens.LEAF_KEY  # the rows of trainable_token_indices, as the trainable-tokens method's
+TOKEN_INDICES = "trainable_token_indices"  # int32 [n]: the token ids those rows replace
 _RANK = "\u03c1"  # the rank axis in einsum specs: a letter no layer spec uses
 
 
@@ -121,6 +124,11 @@ class LoraConfig(PeftConfig):
         layers_pattern: the name of the layer list whose index counts (e.g. ``"layers"``).
         rank_pattern / alpha_pattern: ``{regex: value}`` per-module overrides of ``r`` / ``lora_alpha``.
         use_dora: DoRA: a trained per-output magnitude rescales the adapted weight (Dense, DenseGeneral, Conv).
+        trainable_token_indices: embedding rows to train besides the LoRA layers, as HF PEFT's option: a list of
+            token ids (rows of the input embedding: the embedding named ``embed_tokens``, else the largest one) or
+            ``{embedding name: token ids}``. The rows train as in ``TrainableTokensConfig``; a tied output head
+            (``Embed.attend``) sees them too. The embedding must not also be a LoRA target or in
+            ``modules_to_save``.
 
     Example:
         >>> import jaxpeft
@@ -150,6 +158,7 @@ class LoraConfig(PeftConfig):
     lora_bias: bool = False
     loftq_config: dict[str, int] = dataclasses.field(default_factory=dict)
     eva_config: dict[str, Any] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -190,6 +199,7 @@ class LoraConfig(PeftConfig):
             check(not self.use_dora, "use_dora=True does not work with target_parameters (as in HF PEFT)")
             check(self.lora_dropout == 0, "lora_dropout must be 0 with target_parameters: the update changes the "
                                           "parameter itself, so no dropout can act on the input (as in HF PEFT)")
+        self.trainable_token_indices = _token_index_options(self.trainable_token_indices, self.modules_to_save)
         if self.layers_to_transform is not None:
             self.layers_to_transform = layer_indices("layers_to_transform", self.layers_to_transform)
             check(not isinstance(self.target_modules, str),
@@ -268,6 +278,31 @@ def _eva_options(init: Any, value: Any) -> dict[str, Any] | None:
 
 
 # ----- shapes: which kernel axes are inputs and which are outputs -----
+
+def _token_ids(value: Any, where: str) -> list[int]:
+    check(not isinstance(value, (str, bytes, Mapping)) and isinstance(value, Sequence | np.ndarray),
+          f"{where} must be a list of token ids, got {value!r}")
+    ids = list(value)
+    check(all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in ids),
+          f"{where} must hold non-negative token ids (integers), got {ids[:8]!r}")
+    check(ids and len(set(ids)) == len(ids), f"{where} must list each token id once, and at least one")
+    return [int(i) for i in ids]
+
+
+def _token_index_options(value: Any, modules_to_save: list[str] | None) -> list[int] | dict[str, list[int]] | None:
+    """``trainable_token_indices`` checked: a list of token ids, or ``{embedding name: token ids}``."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        return _token_ids(value, "trainable_token_indices")
+    check(value and all(isinstance(name, str) and name for name in value),
+          f"trainable_token_indices as a dict maps embedding names to token ids, got {value!r}")
+    for name in value:
+        check(name not in (modules_to_save or []), f"{name!r} is in both modules_to_save (trained in full) and "
+                                                   "trainable_token_indices (some rows trained); keep it in one of "
+                                                   "them (as HF PEFT requires)")
+    return {name: _token_ids(ids, f"trainable_token_indices[{name!r}]") for name, ids in value.items()}
+
 
 def _einsum_axes(module: nn.Einsum) -> tuple[str, str, str, str, str]:
     """Splits an Einsum's spec: (input spec, kernel spec, output spec, kernel input letters, kernel output letters)."""
@@ -373,6 +408,58 @@ def create(key: jax.Array, config: LoraConfig, trace: Trace, dtype: Any) -> dict
     for i, (path, layer) in enumerate(sorted(layers.items())):
         for leaf_key, value in _create_layer(jax.random.fold_in(key, i), config, layer, dtype).items():
             leaves[(path, leaf_key)] = value
+    if config.trainable_token_indices is not None:
+        leaves.update(_create_token_rows(jax.random.fold_in(key, len(layers)), config, trace, dtype, set(layers)))
+    return leaves
+
+
+# ----- trainable_token_indices: embedding rows trained beside the LoRA layers -----
+
+def _input_embedding(trace: Trace) -> str:
+    """The dotted name of the model's input embedding: the one named ``embed_tokens``, else the largest table."""
+    rows = {".".join(path): layer.kernel_shape[0] for path, layer in trace.layers.items()
+            if layer.kind == "embed" and not layer.stack_shape}
+    named = [name for name in rows if name.split(".")[-1] == trainable_tokens.DEFAULT_TARGET]
+    if len(named) == 1:
+        return named[0]
+    largest = [name for name in rows if rows[name] == max(rows.values(), default=0)]
+    if len(largest) != 1:
+        raise AdapterError(f"trainable_token_indices as a list adapts the model's input embedding, but the model has "
+                           f"{'no embedding' if not largest else f'several equally large ones ({largest})'}; give "
+                           "{embedding name: token ids} instead")
+    return largest[0]
+
+
+def _token_targets(config: LoraConfig, trace: Trace) -> dict[str, list[int]]:
+    indices = config.trainable_token_indices
+    return dict(indices) if isinstance(indices, Mapping) else {_input_embedding(trace): indices}
+
+
+def _create_token_rows(key: jax.Array, config: LoraConfig, trace: Trace, dtype: Any, lora_paths: set) -> dict:
+    """The trainable rows (placeholders: ``finish`` copies the originals) and their token ids, per embedding."""
+    leaves = {}
+    for i, (name, indices) in enumerate(sorted(_token_targets(config, trace).items())):
+        rows_config = trainable_tokens.TrainableTokensConfig(token_indices=indices, target_modules=[name])
+        for (path, _), rows in trainable_tokens.create(jax.random.fold_in(key, i), rows_config, trace, dtype).items():
+            if path in lora_paths:
+                raise AdapterError(f"{'.'.join(path)} is both a LoRA target and in trainable_token_indices (HF PEFT "
+                                   "refuses this too); leave it out of target_modules")
+            if (path, TOKEN_ROWS) in leaves:
+                raise AdapterError(f"{'.'.join(path)} is matched by two entries of trainable_token_indices; name it "
+                                   "once")
+            leaves[(path, TOKEN_ROWS)] = rows
+            leaves[(path, TOKEN_INDICES)] = jnp.asarray(indices, jnp.int32)
+    return leaves
+
+
+def _copy_token_rows(leaves: dict, flat_params: dict) -> dict:
+    """The trainable rows set to the embeddings' original rows: the model starts unchanged."""
+    leaves = dict(leaves)
+    for path, leaf_key in list(leaves):
+        if leaf_key == TOKEN_ROWS:
+            table = jnp.asarray(nn.meta.unbox(flat_params[path + ("embedding",)]))
+            rows = trainable_tokens.token_rows(table, leaves[(path, TOKEN_INDICES)])
+            leaves[(path, TOKEN_ROWS)] = rows.astype(leaves[(path, TOKEN_ROWS)].dtype)
     return leaves
 
 
@@ -504,11 +591,13 @@ def _randomized_svd(key: jax.Array, weight: jax.Array, rank: int, niter: int):
 def finish(key: jax.Array, config: LoraConfig, trace: Trace, leaves: dict, flat_params: dict) -> tuple[dict, dict]:
     """The leaves and base params after the steps that need the kernels' values: PiSSA's SVD (which also replaces
     the kernel by its residual), LoftQ (which replaces the kernel by its quantized part) and DoRA's magnitude
-    ``||W + scaling * A B||``. Neither input is changed."""
+    ``||W + scaling * A B||``; the rows of ``trainable_token_indices`` copied from the embeddings. Neither input is
+    changed."""
+    leaves = _copy_token_rows(leaves, flat_params)
     if not (config.use_dora or _decomposes_kernel(config) or _is_loftq(config)):
         return leaves, flat_params
-    leaves, flat_params = dict(leaves), dict(flat_params)
-    for i, path in enumerate(sorted({path for path, _ in leaves})):
+    flat_params = dict(flat_params)
+    for i, path in enumerate(sorted({path for path, key in leaves if key == "lora_A"})):
         follows_parameter = len(path) >= 2 and path[-2] in PARAM_SLOTS
         weight_path = path[:-2] + (path[-1],) if follows_parameter else path + ("kernel",)
         boxed = flat_params[weight_path]
@@ -693,6 +782,9 @@ def interceptor(config: LoraConfig, adapter_name: str, dropout: bool):
 
     def adapt(next_fun, args, kwargs, context):
         module = context.module
+        if trainable_tokens.holds_rows(module, context.method_name, adapter_name):
+            indices = module.get_variable("params", TOKEN_INDICES)[adapter_name]
+            return trainable_tokens.call_with_rows(module, context.method_name, args, kwargs, adapter_name, indices)
         if context.method_name != "setup" and module.scope is not None and _holds_param_adapter(module, adapter_name):
             return own_param_calls(module, next_fun, args, kwargs, lambda: _through_own_params(
                 next_fun, args, kwargs, module, adapter_name, config, dropout))
@@ -824,7 +916,12 @@ def _follows_parameter(layer_params: dict, a: jax.Array) -> bool:
 
 def merge_layer(config: LoraConfig, layer_params: dict, leaves: dict, sign: float) -> dict:
     """The layer's kernel (or embedding table, or the one parameter the leaves follow) plus
-    ``sign * scaling * A B``, computed in float32."""
+    ``sign * scaling * A B``, computed in float32; an embedding with ``trainable_token_indices`` rows gets them."""
+    if TOKEN_ROWS in leaves:
+        if sign < 0:
+            raise AdapterError("trainable_token_indices rows cannot be taken out of a merged table without the "
+                               "original rows; use jaxpeft.unmerge")
+        return trainable_tokens.merged_table(layer_params, leaves[TOKEN_ROWS], leaves[TOKEN_INDICES])
     a, b, scaling = (jnp.asarray(nn.meta.unbox(leaves[k])) for k in ("lora_A", "lora_B", "lora_scaling"))
     if _follows_parameter(layer_params, a):
         kernel_name = next(iter(layer_params))
@@ -866,7 +963,10 @@ def _dora_factor(original: jax.Array, delta: jax.Array, leaves: dict, scaling: j
 
 def unmerge_layer(config: LoraConfig, layer_params: dict, leaves: dict, original_params: dict) -> dict:
     """Takes the adapter out of merged layer params; DoRA divides by the factor merge used, which needs the
-    original kernel (``original_params``, the layer's params in the tree that was merged)."""
+    original kernel (``original_params``, the layer's params in the tree that was merged), and so does an embedding
+    with ``trainable_token_indices`` rows (its original table)."""
+    if TOKEN_ROWS in leaves:
+        return {"embedding": original_params["embedding"]}
     if MAGNITUDE not in leaves:
         return merge_layer(config, layer_params, leaves, -1.0)
     a = jnp.asarray(nn.meta.unbox(leaves["lora_A"]))
@@ -921,6 +1021,9 @@ def _magnitude_layout(kind: str, jax_shape: tuple[int, ...], window_ndim: int):
 
 def torch_tensors(config: Any, layer: Layer, name: str, shapes: dict[Path, tuple[int, ...]]) -> dict:
     del config, name
+    if (TOKEN_ROWS,) in shapes:  # torch PEFT's TrainableTokensWrapper around the embedding
+        layout = _layouts.plain_layout(shapes[(TOKEN_ROWS,)], flat=False)
+        return {f"token_adapter.{TOKEN_ROWS}": ((TOKEN_ROWS,), layout)}
     a_shape = shapes[("lora_A",)]
     window_ndim = len(a_shape) - 2
     embed = layer.kind == "embed"
@@ -967,9 +1070,10 @@ def torch_param_tensors(layer: Layer, shapes: dict[Path, tuple[int, ...]]) -> di
 
 
 METHOD = register(Method(
-    config_class=LoraConfig, leaf_keys=("lora_A", "lora_B", "lora_scaling"), optional_leaf_keys=(MAGNITUDE,),
-    constant_keys=("lora_scaling",), create=create, finish=finish, interceptor=interceptor,
+    config_class=LoraConfig, leaf_keys=("lora_A", "lora_B", "lora_scaling"),
+    optional_leaf_keys=(MAGNITUDE, TOKEN_ROWS, TOKEN_INDICES), constant_keys=("lora_scaling", TOKEN_INDICES),
+    create=create, finish=finish, interceptor=interceptor,
     mixed_interceptor=mixed_interceptor, merge_layer=merge_layer, unmerge_layer=unmerge_layer,
     task_defaults=task_defaults, torch_tensors=torch_tensors, torch_param_tensors=torch_param_tensors,
     leaf_layouts={"lora_A": ("stack", "in", None), "lora_B": ("stack", None, "out"), "lora_scaling": ("stack",),
-                  MAGNITUDE: ("stack", "out")}))
+                  MAGNITUDE: ("stack", "out"), TOKEN_ROWS: (None, "out"), TOKEN_INDICES: (None,)}))

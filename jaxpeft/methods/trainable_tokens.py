@@ -170,11 +170,27 @@ def finish(key: jax.Array, config: TrainableTokensConfig, trace: Trace, new_leav
 
 # ----- forward -----
 
-def _checked_rows(config: TrainableTokensConfig, table: jax.Array, rows: jax.Array, where: str) -> jax.Array:
-    if rows.shape != (len(config.token_indices), table.shape[-1]):
-        raise AdapterError(f"{LEAF_KEY} {rows.shape} at {where} does not fit {len(config.token_indices)} token_indices "
+def _checked_rows(token_indices: Sequence[int], table: jax.Array, rows: jax.Array, where: str) -> jax.Array:
+    if rows.shape != (len(token_indices), table.shape[-1]):
+        raise AdapterError(f"{LEAF_KEY} {rows.shape} at {where} does not fit {len(token_indices)} token_indices "
                            f"and the embedding's {table.shape[-1]} features: the adapter was made for another model")
     return rows
+
+
+def holds_rows(module: nn.Module, method_name: str, adapter_name: str) -> bool:
+    """Whether a call of ``module.<method_name>`` runs with adapter ``adapter_name``'s rows in the table."""
+    return (method_name in ("__call__", "attend") and module.scope is not None and layer_kind(module) == "embed"
+            and adapter_name in module.variables.get("params", {}).get(LEAF_KEY, {}))
+
+
+def call_with_rows(module: nn.Module, method_name: str, args: tuple, kwargs: dict, adapter_name: str,
+                   token_indices: Sequence[int] | jax.Array) -> Any:
+    """``module.<method_name>(*args, **kwargs)`` (an Embed's ``__call__`` or ``attend``) with the table's rows for
+    ``token_indices`` replaced by the adapter's."""
+    table = nn.meta.unbox(module.get_variable("params", "embedding"))
+    rows = nn.meta.unbox(module.get_variable("params", LEAF_KEY)[adapter_name])
+    rows = _checked_rows(token_indices, table, rows, ".".join(module.path))
+    return run_with(module, method_name, args, kwargs, embedding=replaced_table(table, token_indices, rows))
 
 
 def interceptor(config: TrainableTokensConfig, adapter_name: str, dropout: bool):
@@ -182,32 +198,29 @@ def interceptor(config: TrainableTokensConfig, adapter_name: str, dropout: bool)
     del dropout
 
     def adapt(next_fun, args, kwargs, context):
-        module = context.module
-        if (context.method_name not in ("__call__", "attend") or module.scope is None
-                or layer_kind(module) != "embed"):
+        if not holds_rows(context.module, context.method_name, adapter_name):
             return next_fun(*args, **kwargs)
-        held = module.variables.get("params", {}).get(LEAF_KEY, {})
-        if adapter_name not in held:
-            return next_fun(*args, **kwargs)
-        table = nn.meta.unbox(module.get_variable("params", "embedding"))
-        rows = _checked_rows(config, table, nn.meta.unbox(held[adapter_name]), ".".join(module.path))
-        return run_with(module, context.method_name, args, kwargs,
-                         embedding=replaced_table(table, config.token_indices, rows))
+        return call_with_rows(context.module, context.method_name, args, kwargs, adapter_name, config.token_indices)
 
     return adapt
 
 
 # ----- merge -----
 
+def merged_table(layer_params: dict, rows: Any, token_indices: Sequence[int] | jax.Array) -> dict:
+    """``{"embedding": the table with ``rows`` written in at ``token_indices``}``, boxed as the layer's."""
+    boxed = layer_params["embedding"]
+    table = nn.meta.unbox(boxed)
+    rows = _checked_rows(token_indices, table, jnp.asarray(nn.meta.unbox(rows)), "the merged layer")
+    merged = replaced_table(table, token_indices, rows)
+    return {"embedding": boxed.replace_boxed(merged) if isinstance(boxed, nn.meta.AxisMetadata) else merged}
+
+
 def merge_layer(config: TrainableTokensConfig, layer_params: dict, leaves: dict, sign: float) -> dict:
     """The table with the adapter's rows written in (``sign`` 1); unmerging goes through ``unmerge_layer``."""
     if sign < 0:
         raise AdapterError("trainable tokens cannot be taken out of a merged table without the original rows")
-    boxed = layer_params["embedding"]
-    table = nn.meta.unbox(boxed)
-    rows = _checked_rows(config, table, jnp.asarray(nn.meta.unbox(leaves[LEAF_KEY])), "the merged layer")
-    merged = replaced_table(table, config.token_indices, rows)
-    return {"embedding": boxed.replace_boxed(merged) if isinstance(boxed, nn.meta.AxisMetadata) else merged}
+    return merged_table(layer_params, leaves[LEAF_KEY], config.token_indices)
 
 
 def unmerge_layer(config: TrainableTokensConfig, layer_params: dict, leaves: dict, original_params: dict) -> dict:

@@ -101,6 +101,13 @@ class DecoderForCausalLM(BackboneHead):
         )
         return out.replace(logits=self.lm_logits(out.last_hidden_state))
 
+    def hidden_states(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                      prefix_key_values=None, deterministic=True, inputs_embeds=None):
+        """The final hidden states (``__call__``'s arguments), before ``lm_logits``: for losses that run the head a
+        chunk at a time."""
+        return self.backbone(input_ids, attention_mask, position_ids, cache, prefix_key_values, deterministic,
+                             inputs_embeds).last_hidden_state
+
     def lm_logits(self, hidden):
         """The vocabulary logits of the final hidden states (tied embedding or ``lm_head``)."""
         return self.backbone.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)

@@ -72,18 +72,29 @@ class Static:
 # ----------------------------------------------------------------------------------------- linen mirrors
 
 
-def _run_in_scope(self, *args, **kwargs):
-    return self.run(self.variables.get("params", {}), *args, **kwargs)
+MODULE_METHOD = "_jaxpeft_module_method"  # which method of the NNX module a mirror method runs
+OTHER_METHODS = ("attend",)  # besides the call, what adapters may change: an Embed's attend (tied output heads)
 
 
-_run_in_scope.__name__ = "__call__"  # linen names the intercepted method after the function
-_run_in_scope = nn.compact(_run_in_scope)  # methods may build helper modules in it (LoRA's Conv window)
+def _runs_in_scope(method_name: str) -> Callable:
+    """A mirror method that runs the NNX module's ``method_name`` with the mirror's params."""
+
+    def run_in_scope(self, *args, **kwargs):
+        if method_name != "__call__":
+            kwargs[MODULE_METHOD] = method_name
+        return self.run(self.variables.get("params", {}), *args, **kwargs)
+
+    run_in_scope.__name__ = method_name  # linen names the intercepted method after the function
+    return run_in_scope
 
 
 @functools.cache
 def _mirror_class(linen_base: type, name: str) -> type:
-    """A linen module class derived from ``linen_base`` whose call is ``run(its params, *args)``."""
-    return type(name, (linen_base,), {"__annotations__": {"run": Any}, "run": None, "__call__": _run_in_scope})
+    """A linen module class derived from ``linen_base`` whose call (and ``attend``) is ``run(its params, *args)``.
+    The call may build helper modules (LoRA's Conv window), so it is the compact method."""
+    methods = {method: _runs_in_scope(method) for method in OTHER_METHODS}
+    return type(name, (linen_base,), {"__annotations__": {"run": Any}, "run": None,
+                                       "__call__": nn.compact(_runs_in_scope("__call__")), **methods})
 
 
 def _stock_attributes(module: nnx.Module) -> tuple[type, dict] | None:
@@ -116,16 +127,17 @@ def mirror(module: nnx.Module, run: Callable) -> nn.Module:
     return _mirror_class(nn.Module, type(module).__name__)(run=run, parent=None)
 
 
-def layer_apply(module: nnx.Module, path: Path) -> Callable:
-    """``apply(variables, *args, rngs=None, **kwargs)``: ``module`` run as a linen module at ``path``, its
-    parameters (and adapter leaves) read from ``variables["params"]`` at that path."""
+def layer_apply(module: nnx.Module, path: Path, method_name: str = "__call__") -> Callable:
+    """``apply(variables, *args, rngs=None, **kwargs)``: ``module`` (its ``method_name``) run as a linen module at
+    ``path``, its parameters (and adapter leaves) read from ``variables["params"]`` at that path."""
 
     def run(params, *args, **kwargs):
         if MODULE_RNGS in kwargs:  # the module's own ``rngs`` argument, kept apart from linen's
             kwargs["rngs"] = kwargs.pop(MODULE_RNGS)
+        method_name = kwargs.pop(MODULE_METHOD, "__call__")
         tracing = _contractions.TRACING.get()
         fresh, state = rebuild(module, dequantized_own(module, params), detach_state=tracing)
-        out = fresh(*args, **kwargs)
+        out = getattr(fresh, method_name)(*args, **kwargs)
         if tracing and _ADAPTING.get() and any(var.get_value() is not value for var, value in state):
             raise AdapterError(f"module {'.'.join(path) or '(the model)'} ({type(module).__name__}) changes NNX state "
                                "(RNG counts, caches) in its call, which adapters on its own parameters cannot "
@@ -137,7 +149,7 @@ def layer_apply(module: nnx.Module, path: Path) -> Callable:
     def at_path(scope, *args, **kwargs):
         for segment in path:
             scope = scope.push(segment)
-        return unbound.clone(parent=scope)(*args, **kwargs)
+        return getattr(unbound.clone(parent=scope), method_name)(*args, **kwargs)
 
     def apply(variables, *args, rngs=None, **kwargs):
         token = _ROUTE_DROPOUT.set((rngs or {}).get("dropout"))
@@ -366,6 +378,8 @@ class AdaptedModule(nnx.Module):
         base = vars(self).get(BASE_LAYER)
         if base is None or name.startswith("__"):
             raise AttributeError(name)
+        if name in OTHER_METHODS and isinstance(base, nnx.Embed):
+            return functools.partial(self._run, name)
         return getattr(base, name)
 
     def add_leaves(self, leaves: Mapping[Path, nnx.Variable]) -> None:
@@ -388,15 +402,18 @@ class AdaptedModule(nnx.Module):
                                                  is_leaf=lambda v: isinstance(v, nnx.Variable))
         return {"params": _nested(self.layer_path, params)}
 
-    def _base(self, args: tuple, module_kwargs: dict, kwargs: dict) -> Any:
+    def _base(self, method_name: str, args: tuple, module_kwargs: dict, kwargs: dict) -> Any:
         """The module's own call, without adapters: through its linen mirror where it holds quantized weights
         (read dequantized there), else the NNX call itself."""
         if not holds_quantized(self.base_layer):
-            return self.base_layer(*args, **module_kwargs)
-        return layer_apply(self.base_layer, self.layer_path)(self._variables(), *args, **kwargs)
+            return getattr(self.base_layer, method_name)(*args, **module_kwargs)
+        return layer_apply(self.base_layer, self.layer_path, method_name)(self._variables(), *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
-        apply_fn = layer_apply(self.base_layer, self.layer_path)
+        return self._run("__call__", *args, **kwargs)
+
+    def _run(self, method_name: str, *args, **kwargs):
+        apply_fn = layer_apply(self.base_layer, self.layer_path, method_name)
         module_kwargs = dict(kwargs)
         if "rngs" in kwargs:
             kwargs[MODULE_RNGS] = kwargs.pop("rngs")
@@ -411,10 +428,10 @@ class AdaptedModule(nnx.Module):
         if isinstance(selection, core.AdapterMix):
             names = tuple(name if name in present else core.BASE for name in selection.names)
             if set(names) == {core.BASE}:
-                return self._base(args, module_kwargs, kwargs)
+                return self._base(method_name, args, module_kwargs, kwargs)
             selection = core.AdapterMix(selection.index, names)
         elif selection is None or selection not in present:
-            return self._base(args, module_kwargs, kwargs)
+            return self._base(method_name, args, module_kwargs, kwargs)
         rewritten = core.rewrite(apply_fn, {name: configs[name] for name in present if name in configs})
         if dropout_key is not None:  # each module call its own masks
             calls[0] += 1

@@ -1,0 +1,127 @@
+"""The chunked causal-LM loss equals the loss of the full logits: values and gradients, on hand-made heads and on
+jaxpeft's GPT-2 (tied head, adapted rows), Llama (LoRA on lm_head) and Gemma 2 (soft-capped logits), through
+``peft_loss_fn`` and the Trainer."""
+
+import doctest
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+import jaxpeft
+from jaxpeft import losses, training
+from jaxpeft.losses import chunked_causal_lm_sums
+from jaxpeft.models import AutoModelForCausalLM
+
+IDS = jnp.array([[1, 5, 7, 8, 9, 10, 11, 3], [3, 4, 5, 6, 7, 1, 0, 0]])
+MASK = jnp.array([[1] * 8, [1] * 6 + [0] * 2])
+
+
+def test_docstring_example():
+    result = doctest.testmod(losses, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def _plain(hidden, head, labels, weights=None):
+    sums = training.loss_sums(hidden @ head, labels, "causal_lm", weights)
+    return sums["loss_sum"] / sums["count"]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 8, 1000])
+def test_equals_the_full_logits_loss_and_its_gradients(chunk_size):
+    hidden = jax.random.normal(jax.random.key(0), (3, 9, 6))
+    head = jax.random.normal(jax.random.key(1), (6, 13))
+    labels = jax.random.randint(jax.random.key(2), (3, 9), 0, 13).at[1, 4:].set(-100).at[2].set(-100)
+    weights = jnp.array([1.0, 0.5, 1.0])
+
+    def chunked(hidden, head):
+        sums = chunked_causal_lm_sums(hidden, labels, lambda h: h @ head, chunk_size=chunk_size, weights=weights)
+        return sums["loss_sum"] / sums["count"]
+
+    np.testing.assert_allclose(chunked(hidden, head), _plain(hidden, head, labels, weights), rtol=1e-6)
+    for ours, reference in zip(jax.grad(chunked, (0, 1))(hidden, head),
+                               jax.grad(lambda h, w: _plain(h, w, labels, weights), (0, 1))(hidden, head), strict=True):
+        np.testing.assert_allclose(ours, reference, atol=1e-6)
+    full = training.loss_sums(hidden @ head, labels, "causal_lm", weights)
+    sums = chunked_causal_lm_sums(hidden, labels, lambda h: h @ head, chunk_size=chunk_size, weights=weights)
+    assert float(sums["count"]) == float(full["count"]) == 8 + 0.5 * 3  # 8 labels of row 0, 3 of row 1 at 0.5
+    assert float(sums["correct"]) == float(full["correct"])
+
+
+def test_bad_input_is_one_line():
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        chunked_causal_lm_sums(jnp.zeros((1, 4, 2)), jnp.zeros((1, 4), int), lambda h: h, chunk_size=0)
+    with pytest.raises(ValueError, match=r"must match, got \(1, 4, 2\) and \(1, 5\)"):
+        chunked_causal_lm_sums(jnp.zeros((1, 4, 2)), jnp.zeros((1, 5), int), lambda h: h)
+
+
+MODELS = {
+    "gpt2-tied-rows": (transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=99, n_positions=64,
+                                               bos_token_id=0, eos_token_id=0),
+                       jaxpeft.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False,
+                                          trainable_token_indices=[1, 5, 7])),
+    "llama-lora-head": (transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=99,
+                                                 tie_word_embeddings=False),
+                        jaxpeft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)),
+    "gemma2-softcap": (transformers.Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                                 vocab_size=99, final_logit_softcapping=5.0),
+                       jaxpeft.LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_peft_loss_fn_in_chunks_equals_the_full_logits(name):
+    config, lora = MODELS[name]
+    model = jaxpeft.get_peft_model(AutoModelForCausalLM.from_config(config, seed=0), lora)
+    assert training.runs_head_apart(model)
+    trainable, frozen = jaxpeft.partition(model.params, model.trainable_mask)
+    batch = {"input_ids": IDS, "attention_mask": MASK}
+
+    def loss_and_grads(chunk_size):
+        loss_fn = training.peft_loss_fn(model, lm_loss_chunk_size=chunk_size)
+        return jax.jit(jax.value_and_grad(lambda t: loss_fn(jaxpeft.combine(t, frozen), batch, None)))(trainable)
+
+    full_loss, full_grads = loss_and_grads(None)
+    loss, grads = loss_and_grads(5)  # 2 positions of each row per chunk: 4 chunks, the last one filled up
+    np.testing.assert_allclose(loss, full_loss, rtol=1e-5)
+    flat = {path: grad for path, grad in jaxpeft.tree.flatten(grads).items() if grad is not None}
+    full_flat = {path: grad for path, grad in jaxpeft.tree.flatten(full_grads).items() if grad is not None}
+    assert flat.keys() == full_flat.keys() and len(flat) >= 4
+    for path, grad in flat.items():
+        np.testing.assert_allclose(grad, full_flat[path], atol=1e-5, err_msg=str(path))
+
+
+def test_prompt_tuning_keeps_the_full_logits():
+    config, _ = MODELS["llama-lora-head"]
+    base = AutoModelForCausalLM.from_config(config, seed=0)
+    assert training.runs_head_apart(base)
+    model = jaxpeft.get_peft_model(base, jaxpeft.PromptTuningConfig(num_virtual_tokens=3))
+    assert not training.runs_head_apart(model)  # its positions are not the batch's: the plain loss runs
+    loss = training.peft_loss_fn(model)(model.params, {"input_ids": IDS}, None)
+    assert np.isfinite(float(loss))
+
+
+def test_trainer_losses_and_eval_loss_equal_the_full_logits_run(tmp_path):
+    config, lora = MODELS["llama-lora-head"]
+    rows = [{"input_ids": np.asarray(row)[: int(mask.sum())].tolist()} for row, mask in zip(IDS, MASK, strict=True)]
+    rows = rows * 4
+    results = []
+    for chunk_size in (0, 6):
+        model = jaxpeft.get_peft_model(AutoModelForCausalLM.from_config(config, seed=0), lora)
+        args = jaxpeft.TrainingArguments(str(tmp_path / str(chunk_size)), max_steps=3, per_device_train_batch_size=2,
+                                         learning_rate=1e-2, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                                         lm_loss_chunk_size=chunk_size)
+        trainer = jaxpeft.Trainer(model, args, train_dataset=rows, eval_dataset=rows[:2], task="causal_lm")
+        trainer.train()
+        losses = [record["loss"] for record in trainer.log_history if "loss" in record]
+        results.append((losses, trainer.evaluate()["eval_loss"]))
+    (full_losses, full_eval), (losses, eval_loss) = results
+    assert len(losses) == 3 and full_losses[0] != full_losses[-1]
+    np.testing.assert_allclose(losses, full_losses, rtol=1e-5)
+    np.testing.assert_allclose(eval_loss, full_eval, rtol=1e-5)
+    with pytest.raises(ValueError, match="lm_loss_chunk_size must be >= 0"):
+        jaxpeft.TrainingArguments(str(tmp_path), lm_loss_chunk_size=-1)
