@@ -10,7 +10,9 @@ times are medians of round-robin runs of both steps.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
@@ -18,9 +20,12 @@ import jax.numpy as jnp
 import optax
 import transformers
 
-import jaxpeft
-from jaxpeft import quantization, training
-from jaxpeft.models import AutoModelForCausalLM
+sys.path.insert(0, os.path.dirname(__file__))
+from lm_memory import compiled_step_memory  # noqa: E402
+
+import jaxpeft  # noqa: E402
+from jaxpeft import quantization, training  # noqa: E402
+from jaxpeft.models import AutoModelForCausalLM  # noqa: E402
 
 SHAPES = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -84,7 +89,6 @@ def compiled_memory(model, params, tokens_shape) -> dict:
     apply_fn = jaxpeft.rewrite(model.module.apply, config)
     mask = jaxpeft.trainable_mask(variables, config)
     trainable, frozen = jaxpeft.partition(variables, mask)
-    optimizer = optax.adamw(1e-4)
 
     def loss_fn(train, fixed, batch):
         logits = apply_fn(jaxpeft.combine(train, fixed), batch[:, :-1]).logits
@@ -92,16 +96,7 @@ def compiled_memory(model, params, tokens_shape) -> dict:
 
     if quantization.has_quantized(frozen):
         loss_fn = quantization.recompute_dequantized(loss_fn)
-
-    def step(train, opt_state, fixed, batch):
-        grads = jax.grad(loss_fn)(train, fixed, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, train)
-        return optax.apply_updates(train, updates), opt_state
-
-    opt_state = jax.eval_shape(optimizer.init, trainable)
-    analysis = jax.jit(step, donate_argnums=(0, 1)).lower(trainable, opt_state, frozen, tokens).compile()
-    analysis = analysis.memory_analysis()
-    return {"arguments": analysis.argument_size_in_bytes, "temporaries": analysis.temp_size_in_bytes}
+    return compiled_step_memory(loss_fn, trainable, frozen, tokens)
 
 
 def memory_table(name: str, qconfig) -> None:

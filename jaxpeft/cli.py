@@ -395,6 +395,8 @@ HYPER_PARAMETERS = (
     ("--load-best-model-at-end", "load_best_model_at_end", "flag", "end with the best checkpoint's adapter", None),
     ("--metric-for-best-model", "metric_for_best_model", "str", "e.g. eval_loss or eval_accuracy", None),
     ("--group-by-length", "group_by_length", "flag", "batch examples of similar length together", None),
+    ("--packing", "packing", "flag", "causal_lm: pack examples into rows of --max-length tokens, each example "
+     "attending only to itself", None),
     ("--max-length", "max_length", "int", "truncate examples to this many tokens (default: the model's position "
      "limit, at most 512)", AT_LEAST_ONE),
     ("--no-progress", "disable_tqdm", "flag", "no progress bar", None),
@@ -920,8 +922,8 @@ def _tokenize(examples, tokenizer, options: argparse.Namespace, task: str, max_l
     return features
 
 
-def _collator(task: str, tokenizer, model, max_length: int | None):
-    return trainer.default_collator(task, tokenizer, model_config(model), max_length)
+def _collator(task: str, tokenizer, model, max_length: int | None, packed: bool = False):
+    return trainer.default_collator(task, tokenizer, model_config(model), max_length, packed)
 
 
 def _position_limit(model) -> tuple[int, str] | None:
@@ -1156,6 +1158,8 @@ def _train(options: argparse.Namespace, task: str) -> int:
                        **_head_overrides(options, task, names, all_examples))
     virtual_tokens = _input_virtual_tokens(peft_config)
     max_length = _max_length(options.max_length, model, tokenizer, virtual_tokens)
+    if training_args.packing:
+        training_args = dataclasses.replace(training_args, max_length=max_length)
     label2id = {name: i for i, name in enumerate(names)} if names else None
     train_features = _tokenize(train_examples, tokenizer, options, task, max_length, label2id, model)
     eval_features = (_tokenize(eval_examples, tokenizer, options, task, max_length, label2id, model)
@@ -1192,7 +1196,8 @@ def _train(options: argparse.Namespace, task: str) -> int:
         compute_metrics = classification_metrics
     run_trainer = trainer.Trainer(
         peft_model, training_args, train_dataset=train_features, eval_dataset=eval_features,
-        data_collator=_collator(task, tokenizer, model, max_length), compute_metrics=compute_metrics,
+        data_collator=_collator(task, tokenizer, model, max_length, training_args.packing),
+        compute_metrics=compute_metrics,
         tokenizer=tokenizer, task=task)
     result = run_trainer.train(resume_from_checkpoint=True if options.resume else None)
     adapter_folder = os.path.join(options.output_dir, ADAPTER_FOLDER)

@@ -15,6 +15,7 @@ Everything here returns plain Python or numpy values, so a collated batch goes s
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
@@ -689,14 +690,18 @@ class _PaddingCollator:
         return bucket_length(longest, self.buckets, max_length=self.max_length)
 
     def pad_inputs(self, features: list[Mapping], length: int | None = None) -> tuple[dict[str, np.ndarray], int]:
-        """``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the features have them), padded."""
+        """``input_ids``, ``attention_mask`` (the features' own, e.g. packed segment ids, else 1 on every token; 0
+        on padding) and ``token_type_ids`` when the features have them, padded."""
         ids = [list(f["input_ids"]) for f in features]
         if length is None:
             length = self.padded_length(max(len(i) for i in ids))
         side = self.padding_side
         batch = {
             "input_ids": pad_sequences(ids, length, self.pad_token_id, side=side),
-            "attention_mask": pad_sequences([[1] * len(i) for i in ids], length, 0, side=side),
+            "attention_mask": pad_sequences(
+                [list(f.get("attention_mask", [1] * len(i))) for f, i in zip(features, ids, strict=True)], length, 0,
+                side=side,
+            ),
         }
         if "token_type_ids" in features[0]:
             batch["token_type_ids"] = pad_sequences([f["token_type_ids"] for f in features], length, 0, side=side)
@@ -793,27 +798,27 @@ class TokenClassificationCollator(_LabelledCollator):
 
 
 def pack_examples(features: Sequence[Mapping], max_length: int) -> list[dict]:
-    """Packs tokenized causal-LM examples, in order, into rows of at most ``max_length`` tokens.
+    """Packs tokenized causal-LM examples into rows of at most ``max_length`` tokens, best fit first.
 
-    An example joins the current row when it fits and starts a new row otherwise; an example longer than
-    ``max_length`` is truncated to it. Each row holds ``input_ids``, ``labels`` (the example's labels, or its
-    ``input_ids``, with -100 on each example's first token so no loss crosses from one example into the next) and
-    ``position_ids`` that restart at 0 for each example.
-
-    Attention: the collator's ``attention_mask`` is 1 on every packed token, so with the usual causal mask a token
-    also attends to the earlier examples of its row (as in transformers' ``run_clm`` packing). The loss never
-    targets one example from another, and positions restart; an example boundary is where ``position_ids`` is 0.
+    Each example, in order, goes into the row with the least room that still holds it (a new row when none does),
+    so later short examples fill the gaps that earlier long ones left; an example longer than ``max_length`` is
+    truncated to it. Each row holds ``input_ids``, ``labels`` (the example's labels, or its ``input_ids``, with -100
+    on each example's first token so no loss crosses from one example into the next), ``position_ids`` that
+    restart at 0 for each example, and an ``attention_mask`` of *segment ids*: 1 on the row's first example, 2 on
+    the second, ... (0 is padding). The ``jaxpeft.models`` families attend only within a segment
+    (``attention.AttentionMask``), so a packed row computes what its examples would one by one.
 
     Example:
-        >>> rows = pack_examples([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}, {"input_ids": [4, 4, 4]}], 5)
-        >>> [(row["input_ids"], row["labels"], row["position_ids"]) for row in rows]
-        [([5, 6, 7, 8, 9], [-100, 6, 7, -100, 9], [0, 1, 2, 0, 1]), ([4, 4, 4], [-100, 4, 4], [0, 1, 2])]
+        >>> rows = pack_examples([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9, 1, 2]}, {"input_ids": [4, 4]}], 5)
+        >>> [(row["input_ids"], row["labels"], row["position_ids"], row["attention_mask"]) for row in rows]
+        [([5, 6, 7, 4, 4], [-100, 6, 7, -100, 4], [0, 1, 2, 0, 1], [1, 1, 1, 2, 2]), \
+([8, 9, 1, 2], [-100, 9, 1, 2], [0, 1, 2, 3], [1, 1, 1, 1])]
     """
     if max_length < 1:
         raise DataError(f"packing needs a positive max_length, got {max_length}.")
     features = _token_features(features, "pack_examples")
     rows: list[dict] = []
-    row: dict | None = None
+    room: list[tuple[int, int]] = []  # (free tokens, row index) of the rows, sorted
     for index, feature in enumerate(features):
         ids = list(feature["input_ids"])[:max_length]
         labels = list(feature.get("labels", feature["input_ids"]))[:max_length]
@@ -822,13 +827,24 @@ def pack_examples(features: Sequence[Mapping], max_length: int) -> list[dict]:
         if not ids:
             continue
         labels[0] = IGNORE_INDEX
-        if row is None or len(row["input_ids"]) + len(ids) > max_length:
-            row = {"input_ids": [], "labels": [], "position_ids": []}
-            rows.append(row)
-        row["input_ids"] += ids
-        row["labels"] += labels
-        row["position_ids"] += list(range(len(ids)))
+        fit = bisect.bisect_left(room, (len(ids), -1))
+        if fit == len(room):
+            rows.append({"input_ids": [], "labels": [], "position_ids": [], "attention_mask": []})
+            free, row_index = max_length, len(rows) - 1
+        else:
+            free, row_index = room.pop(fit)
+        _append_example(rows[row_index], ids, labels)
+        bisect.insort(room, (free - len(ids), row_index))
     return rows
+
+
+def _append_example(row: dict, ids: list, labels: list) -> None:
+    """Adds one example to a packed row as its next segment."""
+    segment = (row["attention_mask"][-1] + 1) if row["attention_mask"] else 1
+    row["input_ids"] += ids
+    row["labels"] += labels
+    row["position_ids"] += list(range(len(ids)))
+    row["attention_mask"] += [segment] * len(ids)
 
 
 class CausalLMCollator(_PaddingCollator):
@@ -840,10 +856,11 @@ class CausalLMCollator(_PaddingCollator):
     that continue generating).
 
     With ``packing=True`` (needs ``max_length``) the batch's examples are packed into rows of ``max_length``
-    tokens by ``pack_examples`` (see there how attention and labels treat example boundaries), and the batch also
-    holds ``position_ids``. The number of rows depends on the examples' lengths; for one fixed shape, pack the
-    whole dataset once with ``pack_examples`` and batch the rows with this collator (``packing=False``, the same
-    ``max_length``), which keeps the rows' ``position_ids``.
+    tokens by ``pack_examples`` (examples see only themselves: ``attention_mask`` holds segment ids; their labels
+    and ``position_ids`` restart), and the batch also holds ``position_ids``. The number of rows depends on the
+    examples' lengths; for one fixed shape, pack the whole dataset once with ``pack_examples`` and batch the rows
+    with this collator (``packing=False``, the same ``max_length``), which keeps the rows' segments and positions
+    (what ``TrainingArguments(packing=True)`` does).
 
     Example:
         >>> collate = CausalLMCollator(pad_token_id=0, buckets=(4,))

@@ -103,9 +103,11 @@ class TrainingArguments:
     embeddings at ``loraplus_lr_embedding`` (LoRA+, HF PEFT's ``create_loraplus_optimizer``).
     ``lm_loss_chunk_size`` tokens at a time go through a causal LM's output head in the loss of training and of
     evaluation without predictions (``jaxpeft.losses``: the ``(batch, seq, vocab)`` logits are never held; 0: the
-    full logits). A
-    fresh ``train()`` into an ``output_dir`` whose ``checkpoints/`` holds an earlier run's checkpoints refuses to
-    start unless ``overwrite_output_dir`` (then they are deleted first).
+    full logits). ``packing`` (causal LM) packs the tokenized examples, best fit first, into rows of ``max_length``
+    tokens (``data.pack_examples``): an example attends only to itself (segment ids in ``attention_mask``), its
+    positions and labels restart, and every batch has one shape with little padding. A fresh ``train()`` into an
+    ``output_dir`` whose ``checkpoints/`` holds an earlier run's checkpoints refuses to start unless
+    ``overwrite_output_dir`` (then they are deleted first).
 
     Example:
         >>> args = TrainingArguments("out", num_train_epochs=1, learning_rate=2e-4, eval_strategy="steps",
@@ -150,6 +152,7 @@ class TrainingArguments:
     loraplus_lr_ratio: float | None = None
     loraplus_lr_embedding: float = 1e-6
     lm_loss_chunk_size: int = DEFAULT_CHUNK_SIZE
+    packing: bool = False
 
     def __post_init__(self):
         self.output_dir = os.fspath(self.output_dir)
@@ -234,9 +237,11 @@ def _functional(model: Any, task: str | None) -> Any:
     return model
 
 
-def default_collator(task: str, tokenizer: Any = None, model_config: Any = None, max_length: int | None = None):
+def default_collator(task: str, tokenizer: Any = None, model_config: Any = None, max_length: int | None = None,
+                     packed: bool = False):
     """The collator for ``task`` (``"seq_cls"``, ``"token_cls"``, ``"causal_lm"``), padding to bucketed lengths
-    with the id ``data.resolve_pad_token_id`` chooses (the model config's pad token first).
+    with the id ``data.resolve_pad_token_id`` chooses (the model config's pad token first); ``packed`` rows (of
+    ``data.pack_examples``) are padded to ``max_length``, one shape for every batch.
 
     Example:
         >>> collate = default_collator("seq_cls")
@@ -248,8 +253,24 @@ def default_collator(task: str, tokenizer: Any = None, model_config: Any = None,
                  "causal_lm": data_lib.CausalLMCollator}
     if task not in collators:
         raise ValueError(f"no default collator for task {task!r}; pass data_collator=")
-    classes = {} if task == "causal_lm" else {"num_labels": getattr(model_config, "num_labels", None)}
-    return collators[task](pad_token_id=pad, max_length=max_length, **classes)
+    options = {} if task == "causal_lm" else {"num_labels": getattr(model_config, "num_labels", None)}
+    if packed:
+        options["buckets"] = (max_length,)
+    return collators[task](pad_token_id=pad, max_length=max_length, **options)
+
+
+def _check_packing(model: Any, task: str, max_length: int | None) -> None:
+    """A one-line error unless packed rows compute what their examples would apart: a causal LM of
+    ``jaxpeft.models`` (whose attention keeps to segments) under an adapter that adds no positions, and a row
+    length."""
+    if max_length is None:
+        raise ValueError("TrainingArguments.packing=True needs max_length=, the length of a packed row")
+    if task != "causal_lm":
+        raise ValueError(f"TrainingArguments.packing=True is for causal_lm training, not {task}")
+    if not training.runs_head_apart(model):
+        raise ValueError("TrainingArguments.packing=True needs a jaxpeft.models causal LM (its attention keeps each "
+                         "packed example to itself) and an adapter that adds no positions (not prompt tuning or "
+                         "p-tuning); set packing=False")
 
 
 def _raw_text_columns(example: Mapping) -> dict | None:
@@ -456,8 +477,10 @@ class Trainer:
         self.task = training._task_of(model, task)
         self.label2id = label2id
         self.compute_metrics = compute_metrics
+        if args.packing:
+            _check_packing(model, self.task, args.max_length)
         self.data_collator = data_collator or default_collator(self.task, self.tokenizer, model.base_model.config,
-                                                               args.max_length)
+                                                               args.max_length, packed=args.packing)
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.log_history: list[dict] = []
@@ -472,8 +495,10 @@ class Trainer:
     def _features(self, dataset: Any) -> Any:
         key = id(dataset)
         if key not in self._prepared:
-            self._prepared[key] = (dataset, _prepare_dataset(dataset, self.tokenizer, self.task,
-                                                             self.args.max_length, self.label2id))
+            features = _prepare_dataset(dataset, self.tokenizer, self.task, self.args.max_length, self.label2id)
+            if self.args.packing:
+                features = data_lib.pack_examples(features, self.args.max_length)
+            self._prepared[key] = (dataset, features)
         return self._prepared[key][1]
 
     def _batch_indices(self, features: Any, epoch: int, start_step: int):

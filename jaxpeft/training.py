@@ -640,44 +640,46 @@ def peft_loss_fn(peft_model, task: str | None = None, ignore_index: int = IGNORE
 # ----- what the active adapter's method adds to training (``jaxpeft.method.Method``'s training hooks) -----
 
 
-def method_loss_term(peft_model) -> Callable[[Any], jax.Array] | None:
-    """``params -> scalar``: the active adapter's method's ``loss_term`` (``jaxpeft.method.Method``), or None."""
+def _active_method(peft_model):
+    """``(name, config, method)`` of a PeftModel's active adapter (``jaxpeft.method.Method``), or None."""
     from jaxpeft.method import method_for
 
     name = peft_model.active_adapter
     if name is None:
         return None
     config = peft_model.peft_config[name]
-    term = method_for(config).loss_term
-    return None if term is None else lambda params: term(config, params, name)
+    return name, config, method_for(config)
+
+
+def method_loss_term(peft_model) -> Callable[[Any], jax.Array] | None:
+    """``params -> scalar``: the active adapter's method's ``loss_term`` (``jaxpeft.method.Method``), or None."""
+    active = _active_method(peft_model)
+    if active is None or active[2].loss_term is None:
+        return None
+    name, config, method = active
+    return lambda params: method.loss_term(config, params, name)
 
 
 def method_optimizer(peft_model, optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
     """``optimizer`` as the active adapter's method trains with it: its ``wrap_optimizer`` (AdaLoRA's rank
     allocator), or ``optimizer`` itself."""
-    from jaxpeft.method import method_for
-
-    name = peft_model.active_adapter
-    if name is None:
+    active = _active_method(peft_model)
+    if active is None or active[2].wrap_optimizer is None:
         return optimizer
-    config = peft_model.peft_config[name]
-    wrap = method_for(config).wrap_optimizer
-    return optimizer if wrap is None else wrap(config, optimizer, peft_model.params, name)
+    name, config, method = active
+    return method.wrap_optimizer(config, optimizer, peft_model.params, name)
 
 
 def keep_trained_config(peft_model, opt_state: Any) -> None:
     """Gives a ``PeftModel``'s active adapter the config its method's ``trained_config`` makes of ``opt_state``
     (the state of ``method_optimizer``'s optimizer after training), so that ``save_pretrained`` writes it: AdaLoRA's
     ``rank_pattern``. Models of other kinds (NNX) keep their config."""
-    from jaxpeft.method import method_for
     from jaxpeft.peft_model import PeftModel, _sample_inputs
 
-    name = peft_model.active_adapter
-    if name is None or not isinstance(peft_model, PeftModel):
+    active = _active_method(peft_model) if isinstance(peft_model, PeftModel) else None
+    if active is None or active[2].trained_config is None:
         return
-    config = peft_model.peft_config[name]
-    trained = method_for(config).trained_config
-    if trained is not None:
-        base = peft_model.base_model
-        peft_model.peft_config[name] = trained(config, opt_state, base.apply_fn, peft_model.params, (),
-                                               _sample_inputs(base), name)
+    name, config, method = active
+    base = peft_model.base_model
+    peft_model.peft_config[name] = method.trained_config(config, opt_state, base.apply_fn, peft_model.params, (),
+                                                         _sample_inputs(base), name)

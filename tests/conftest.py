@@ -11,6 +11,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The test programs are tiny, so XLA's compile time dominates their run time: they compile without the costlier
+# backend optimisations (the same programs and results; only the machine code is plainer). Subprocesses inherit it.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 

@@ -245,7 +245,8 @@ def test_causal_lm_packing_boundaries():
                                                     [-100, 42, 43, 44, 45, 46]])
     np.testing.assert_array_equal(batch["position_ids"], [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 0],
                                                           [0, 1, 2, 3, 4, 5]])
-    np.testing.assert_array_equal(batch["attention_mask"], [[1] * 5 + [0], [1] * 4 + [0] * 2, [1] * 6])
+    # attention_mask holds each row's segment ids (the examples packed into it), 0 on padding
+    np.testing.assert_array_equal(batch["attention_mask"], [[1, 1, 1, 2, 2, 0], [1] * 4 + [0] * 2, [1] * 6])
     # Packing the dataset once and batching its rows keeps the row layout and gives one fixed width.
     rows = data.pack_examples(features, 6)
     again = data.CausalLMCollator(pad_token_id=0, max_length=6, buckets=(6,))(rows)

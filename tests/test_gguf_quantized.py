@@ -156,7 +156,8 @@ def test_smollm2_q4_1_loads_quantized_with_the_float_model_outputs(smollm2_path)
     float_attention = model.params["params"]["model"]["layers"]["self_attn"]
     for name, kernel in kernels.items():
         np.testing.assert_array_equal(kernel, np.asarray(float_attention[name]["kernel"]))
-    np.testing.assert_allclose(quantized_logits, np.asarray(model(input_ids=ids).logits), rtol=0, atol=1e-4)
+    # float32 logits up to ~15 from 30 layers, summed in another order (dequantized inside the matmul): up to 1.5e-4
+    np.testing.assert_allclose(quantized_logits, np.asarray(model(input_ids=ids).logits), rtol=2e-5, atol=3e-4)
     assert sizes["quantized"] <= 0.35 * sizes["quantized_as_bf16"], sizes
     del model, float_attention
     gc.collect()

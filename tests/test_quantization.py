@@ -313,10 +313,13 @@ def test_cli_trains_on_a_4bit_base_and_evaluates_with_it(saved_llama, tmp_path):
     code = cli.main(["train", "--model", saved_llama, "--tokenizer", str(tokenizer_folder), "--task", "causal_lm",
                      "--method", "lora", "--r", "4", "--target-modules", "q_proj,v_proj", "--train-file",
                      str(train_file), "--output-dir", str(run), "--max-steps", "2", "--quantize", "nf4",
-                     "--double-quant", "--save-strategy", "no"])
+                     "--double-quant", "--save-strategy", "no", "--packing", "--max-length", "24",
+                     "--batch-size", "2"])
     assert code == 0
     recorded = json.loads((run / "jaxpeft_run.json").read_text())
     assert recorded["quantization"]["quant_type"] == "nf4" and recorded["quantization"]["double_quant"] is True
+    # --packing: the eight lines packed into rows of --max-length 24 tokens
+    assert recorded["training_arguments"]["packing"] is True and recorded["training_arguments"]["max_length"] == 24
     assert cli.main(["train", "--model", saved_llama, "--task", "causal_lm", "--method", "lora", "--train-file",
                      str(train_file), "--output-dir", str(tmp_path / "bad"), "--double-quant"]) == 2
 

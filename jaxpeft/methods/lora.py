@@ -457,9 +457,9 @@ def _copy_token_rows(leaves: dict, flat_params: dict) -> dict:
     leaves = dict(leaves)
     for path, leaf_key in list(leaves):
         if leaf_key == TOKEN_ROWS:
-            table = jnp.asarray(nn.meta.unbox(flat_params[path + ("embedding",)]))
-            rows = trainable_tokens.token_rows(table, leaves[(path, TOKEN_INDICES)])
-            leaves[(path, TOKEN_ROWS)] = rows.astype(leaves[(path, TOKEN_ROWS)].dtype)
+            leaves[(path, TOKEN_ROWS)] = trainable_tokens.original_rows(
+                flat_params, path, leaves[(path, TOKEN_INDICES)], leaves[(path, TOKEN_ROWS)].dtype
+            )
     return leaves
 
 

@@ -156,15 +156,21 @@ def create(key: jax.Array, config: TrainableTokensConfig, trace: Trace, dtype: A
     return leaves
 
 
+def original_rows(flat_params: dict, path: tuple, token_indices, dtype) -> jax.Array:
+    """The rows ``token_indices`` of the embedding table at ``path`` as the base model holds them, in ``dtype``."""
+    table = jnp.asarray(nn.meta.unbox(flat_params[path + ("embedding",)]))
+    return token_rows(table, token_indices).astype(dtype)
+
+
 def finish(key: jax.Array, config: TrainableTokensConfig, trace: Trace, new_leaves: dict, flat_params: dict):
     """With ``init_weights``, each selected embedding's rows start as its original rows."""
     del key, trace
     if not config.init_weights:
         return new_leaves, flat_params
-    filled = {}
-    for (path, leaf_key), value in new_leaves.items():
-        table = jnp.asarray(nn.meta.unbox(flat_params[path + ("embedding",)]))
-        filled[(path, leaf_key)] = token_rows(table, config.token_indices).astype(value.dtype)
+    filled = {
+        (path, leaf_key): original_rows(flat_params, path, config.token_indices, value.dtype)
+        for (path, leaf_key), value in new_leaves.items()
+    }
     return filled, flat_params
 
 

@@ -25,6 +25,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.models import attention_kernels
+from jaxpeft.models.attention_kernels import soft_cap  # noqa: F401  (re-exported: the families' soft-capping)
+
 # Per layer {"key": (batch, slots, kv_heads, head_dim), "value": ...}; for scanned layers one such dict whose
 # arrays carry a leading layer axis, otherwise a tuple with one dict per layer.
 LayerCache = dict[str, jax.Array]
@@ -68,6 +71,74 @@ def init_cache(spec: CacheSpec, batch_size: int, max_length: int) -> KVCache:
     return KVCache(layers=layers, index=jnp.zeros((), jnp.int32))
 
 
+@flax.struct.dataclass
+class AttentionMask:
+    """Which keys each query sees, kept as its parts, so that an attention kernel can use the structure (causal,
+    sequence lengths, segments) rather than a dense ``(batch, 1, queries, keys)`` array.
+
+    ``attention_mask`` is ``(batch, slots)``: 0 where the key slot is padding, else the slot's *segment*: 1 for
+    every token of an ordinary batch, ``1, 2, 3, ...`` for the documents packed into one row. A query sees a key
+    when the key is not padding, lies in the query's segment (a padding query sees every segment), is not in a
+    later slot (``causal``), and lies within ``sliding_window`` slots of the query if that is set. The
+    ``num_prefix_tokens`` prefix key/values come first and are seen by every query.
+
+    Attributes:
+        attention_mask: ``(batch, slots)`` int, as above (1 also for empty cache slots, which ``causal`` hides).
+        query_offset: ``()`` int32, the slot of the first query (the cache index when decoding, else 0).
+        sliding_window: ``()`` int32 or None: how many recent slots (the query's own included) a query sees.
+        query_length: number of queries.
+        num_prefix_tokens: prefix key/values in front of the slots.
+        causal: hide keys in later slots.
+        has_cache: the slots are a cache's (``query_offset`` may be nonzero and ``slots`` exceed the queries).
+        given: an ``attention_mask`` was passed (False: every slot holds a token, so kernels may skip masking).
+        implementation: the kernel: ``"xla"``, ``"xla_chunked"``, ``"cudnn"``, ``"splash"``, or None to choose
+            by backend and shape (``attention_kernels.choose_implementation``).
+    """
+
+    attention_mask: jax.Array
+    query_offset: jax.Array
+    sliding_window: jax.Array | None = None
+    query_length: int = flax.struct.field(pytree_node=False, default=1)
+    num_prefix_tokens: int = flax.struct.field(pytree_node=False, default=0)
+    causal: bool = flax.struct.field(pytree_node=False, default=True)
+    has_cache: bool = flax.struct.field(pytree_node=False, default=False)
+    given: bool = flax.struct.field(pytree_node=False, default=True)
+    implementation: str | None = flax.struct.field(pytree_node=False, default=None)
+
+    @property
+    def num_keys(self) -> int:
+        """Prefix key/values plus slots: the key axis of the attention."""
+        return self.num_prefix_tokens + self.attention_mask.shape[1]
+
+    def query_segments(self, start: int = 0, length: int | None = None) -> jax.Array:
+        """``(batch, length)``: the ``attention_mask`` entry of queries ``start..start+length-1``."""
+        length = self.query_length - start if length is None else length
+        if not self.has_cache:
+            return self.attention_mask[:, start : start + length]
+        return jax.lax.dynamic_slice_in_dim(self.attention_mask, self.query_offset + start, length, axis=1)
+
+    def rows(self, start: int = 0, length: int | None = None) -> jax.Array:
+        """The boolean ``(batch, 1, length, num_keys)`` mask of queries ``start..start+length-1``; ``rows()`` is
+        the whole dense mask."""
+        length = self.query_length - start if length is None else length
+        batch_size, num_slots = self.attention_mask.shape
+        query_slots = self.query_offset + start + jnp.arange(length)[:, None]
+        key_slots = jnp.arange(num_slots)[None, :]
+        allowed = jnp.ones((length, num_slots), bool)
+        if self.causal:
+            allowed &= key_slots <= query_slots
+        if self.sliding_window is not None:
+            allowed &= query_slots - key_slots < self.sliding_window
+        key_segments = self.attention_mask[:, None, None, :]
+        query_segments = self.query_segments(start, length)[:, None, :, None]
+        same_segment = (query_segments == 0) | (query_segments == key_segments)
+        mask = allowed[None, None, :, :] & (key_segments != 0) & same_segment
+        if self.num_prefix_tokens:
+            prefix = jnp.ones((batch_size, 1, length, self.num_prefix_tokens), bool)
+            mask = jnp.concatenate([prefix, mask], axis=-1)
+        return mask
+
+
 def make_attention_mask(
     key_mask: jax.Array,
     query_length: int,
@@ -77,30 +148,28 @@ def make_attention_mask(
     sliding_window: int | None = None,
     num_prefix_tokens: int = 0,
 ) -> jax.Array:
-    """The boolean mask ``(batch, 1, query_length, num_prefix_tokens + slots)`` of allowed query/key pairs.
+    """The boolean mask ``(batch, 1, query_length, num_prefix_tokens + slots)`` of allowed query/key pairs
+    (``AttentionMask.rows`` of the mask these arguments describe).
 
     Args:
-        key_mask: ``(batch, slots)``, nonzero where the key slot holds a real token (1 also for empty cache
-            slots, which the causal condition hides until they are written).
+        key_mask: ``(batch, slots)``, 0 where the key slot is padding, else its segment (1 for ordinary batches;
+            1 also for empty cache slots, which the causal condition hides until they are written).
         query_length: number of query tokens; they occupy slots ``query_offset..query_offset+query_length-1``.
         query_offset: the first query's slot (the cache index when decoding).
         causal: hide keys in later slots.
         sliding_window: if set, a query sees only the ``sliding_window`` most recent slots, itself included.
         num_prefix_tokens: prefix key/values in front of the slots, always visible.
     """
-    batch_size, num_slots = key_mask.shape
-    query_slots = query_offset + jnp.arange(query_length)[:, None]
-    key_slots = jnp.arange(num_slots)[None, :]
-    allowed = jnp.ones((query_length, num_slots), bool)
-    if causal:
-        allowed &= key_slots <= query_slots
-    if sliding_window is not None:
-        allowed &= query_slots - key_slots < sliding_window
-    mask = allowed[None, None, :, :] & (key_mask[:, None, None, :] != 0)
-    if num_prefix_tokens:
-        prefix = jnp.ones((batch_size, 1, query_length, num_prefix_tokens), bool)
-        mask = jnp.concatenate([prefix, mask], axis=-1)
-    return mask
+    has_cache = key_mask.shape[1] != query_length or not isinstance(query_offset, int) or query_offset != 0
+    return AttentionMask(
+        attention_mask=jnp.asarray(key_mask),
+        query_offset=jnp.asarray(query_offset, jnp.int32),
+        sliding_window=None if sliding_window is None else jnp.asarray(sliding_window, jnp.int32),
+        query_length=query_length,
+        num_prefix_tokens=num_prefix_tokens,
+        causal=causal,
+        has_cache=has_cache,
+    ).rows()
 
 
 def write_cache(layer_cache: LayerCache, key: jax.Array, value: jax.Array, index: jax.Array):
@@ -172,60 +241,44 @@ def check_prefix_key_values(prefix_key_values, num_layers: int, batch_size: int,
     return num_virtual
 
 
-def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
-    """``cap * tanh(x / cap)``: ``x`` squashed smoothly into ``(-cap, cap)``; ``x`` itself when ``cap`` is None.
-
-    Example:
-        >>> [round(float(v), 2) for v in soft_cap(jnp.array([0.0, 3.0, 1000.0]), 30.0)]
-        [0.0, 2.99, 30.0]
-    """
-    return x if cap is None else jnp.tanh(x / cap) * cap
-
-
 def dot_product_attention(
     query: jax.Array,
     key: jax.Array,
     value: jax.Array,
-    mask: jax.Array,
+    mask: AttentionMask | jax.Array,
     *,
     prefix_key_value: tuple[jax.Array, jax.Array] | None = None,
     scale: float | None = None,
     logit_softcap: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
-    implementation: str | None = None,
 ) -> jax.Array:
     """Multi-head / grouped-query attention; returns ``(batch, T, heads, head_dim)``.
 
-    ``query`` is ``(batch, T, heads, head_dim)``, ``key``/``value`` ``(batch, S, kv_heads, head_dim)``,
-    ``mask`` from ``make_attention_mask`` (its key axis includes the prefix). ``prefix_key_value`` is this layer's
-    ``(keys, values)`` of shape ``(batch, P, kv_heads, head_dim)``, put in front of ``key``/``value``.
-    ``logit_softcap`` caps the scaled scores as ``cap * tanh(scores / cap)`` before the mask (Gemma 2).
-    Without dropout or soft-capping this is ``jax.nn.dot_product_attention`` (its XLA implementation unless
-    ``implementation`` says ``"cudnn"``); attention dropout (training only) and soft-capping take an explicit softmax.
+    ``query`` is ``(batch, T, heads, head_dim)``, ``key``/``value`` ``(batch, S, kv_heads, head_dim)``, ``mask``
+    an ``AttentionMask`` (the kernel follows its ``implementation``, see ``attention_kernels``) or a dense boolean
+    ``(batch, 1, T, P + S)`` array (XLA). ``prefix_key_value`` is this layer's ``(keys, values)`` of shape
+    ``(batch, P, kv_heads, head_dim)``, put in front of ``key``/``value``. ``logit_softcap`` caps the scaled
+    scores as ``cap * tanh(scores / cap)`` before the mask (Gemma 2). Attention dropout (training only) takes the
+    explicit softmax on the dense mask.
     """
     if prefix_key_value is not None:
         prefix_key, prefix_value = prefix_key_value
         key = jnp.concatenate([prefix_key.astype(key.dtype), key], axis=1)
         value = jnp.concatenate([prefix_value.astype(value.dtype), value], axis=1)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
     use_dropout = dropout_rate > 0.0 and dropout_rng is not None
-    if not use_dropout and logit_softcap is None:
-        return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=implementation)
-
-    batch, q_len, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[2]
-    grouped = query.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scale = head_dim**-0.5 if scale is None else scale
-    logits = jnp.einsum("btkgh,bskh->bkgts", grouped, key).astype(jnp.float32) * scale
-    logits = soft_cap(logits, logit_softcap)
-    mask = mask.reshape(mask.shape[0], 1, 1, *mask.shape[2:])
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    if use_dropout:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(value.dtype), value)
-    return out.reshape(batch, q_len, num_heads, head_dim)
+    if isinstance(mask, AttentionMask) and not use_dropout:
+        return attention_kernels.attend(query, key, value, mask, scale=scale, logit_softcap=logit_softcap)
+    dense_mask = mask.rows() if isinstance(mask, AttentionMask) else mask
+    if not use_dropout:
+        return attention_kernels.dense_attention(
+            query, key, value, dense_mask, scale=scale, logit_softcap=logit_softcap
+        )
+    return attention_kernels.explicit_attention(
+        query, key, value, dense_mask, scale=scale, logit_softcap=logit_softcap,
+        dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+    )
 
 
 REMAT_POLICIES = {
@@ -306,31 +359,39 @@ def prepare_decoder_inputs(
     cache: KVCache | None,
     *,
     num_prefix_tokens: int = 0,
-    sliding_window: int | None = None,
+    sliding_window: int | jax.Array | None = None,
+    implementation: str | None = None,
 ):
-    """``(mask, position_ids, cache_index)`` for one decoder call.
+    """``(mask, position_ids, cache_index)`` for one decoder call, ``mask`` an ``AttentionMask``.
 
     Without a cache ``attention_mask`` is ``(batch, seq)`` and positions default to ``0..seq-1`` (as in
     transformers' forward). With a cache it covers all cache slots ``(batch, slots)`` and positions default to
-    the slots of the new tokens.
+    the slots of the new tokens. Its entries are 0 for padding and a segment id otherwise: 1 throughout for an
+    ordinary batch, ``1, 2, ...`` for the documents packed into a row (they do not see each other; their
+    ``position_ids`` restart, see ``data.pack_examples``).
     """
     batch_size, seq_len = input_ids.shape
     cache_index = jnp.zeros((), jnp.int32) if cache is None else cache.index
     num_slots = seq_len if cache is None else cache_length(cache)
+    given = attention_mask is not None
     if attention_mask is None:
         attention_mask = jnp.ones((batch_size, num_slots), jnp.int32)
     if attention_mask.shape != (batch_size, num_slots):
         what = "(batch, seq) like input_ids" if cache is None else "(batch, cache slots) when a cache is given"
         expected = (batch_size, num_slots)
         raise ValueError(f"attention_mask has shape {attention_mask.shape}; expected {what}: {expected}.")
+    attention_kernels.check_implementation(implementation)
     if position_ids is None:
         position_ids = jnp.broadcast_to(cache_index + jnp.arange(seq_len), (batch_size, seq_len))
-    mask = make_attention_mask(
-        attention_mask,
-        seq_len,
+    mask = AttentionMask(
+        attention_mask=jnp.asarray(attention_mask),
         query_offset=cache_index,
-        sliding_window=sliding_window,
+        sliding_window=None if sliding_window is None else jnp.asarray(sliding_window, jnp.int32),
+        query_length=seq_len,
         num_prefix_tokens=num_prefix_tokens,
+        has_cache=cache is not None,
+        given=given,
+        implementation=implementation,
     )
     return mask, position_ids, cache_index
 

@@ -29,7 +29,7 @@ import transformers
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxpeft import quantization
-from jaxpeft.models import bnb, hub
+from jaxpeft.models import attention_kernels, bnb, hub
 from jaxpeft.models.family import HEADS, ModelFamily, ModelOutput
 
 logger = logging.getLogger("jaxpeft")
@@ -147,8 +147,12 @@ def _hf_name(path: tuple) -> str:
     return ".".join(str(part) for part in path)
 
 
-def _build_module(config, head: str, dtype, param_dtype, scan_layers: bool, remat_policy: str | None):
+def _build_module(
+    config, head: str, dtype, param_dtype, scan_layers: bool, remat_policy: str | None,
+    attention_implementation: str | None = None,
+):
     family = family_for(config.model_type)
+    attention_kernels.check_implementation(attention_implementation)
     if head not in family.modules:
         raise ValueError(
             f"The {config.model_type!r} family has no {head!r} head; it has {sorted(family.modules)} "
@@ -160,6 +164,7 @@ def _build_module(config, head: str, dtype, param_dtype, scan_layers: bool, rema
         param_dtype=as_dtype(param_dtype),
         scan_layers=scan_layers,
         remat_policy=remat_policy,
+        attention_implementation=attention_implementation,
     )
     return family, module
 
@@ -323,6 +328,7 @@ def load_pretrained(
     param_dtype: Any = None,
     scan_layers: bool = False,
     remat_policy: str | None = None,
+    attention_implementation: str | None = None,
     revision: str | None = None,
     gguf_file: str | None = None,
     seed: int = 0,
@@ -348,13 +354,15 @@ def load_pretrained(
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GGUF file {path!r} does not exist; pass the path of a .gguf file.")
         config, tensors = gguf.read_gguf_checkpoint(path, keep_quantized=qconfig is not None, **config_overrides)
-        family, module = _build_module(config, head, dtype, param_dtype, scan_layers, remat_policy)
+        family, module = _build_module(config, head, dtype, param_dtype, scan_layers, remat_policy,
+                                       attention_implementation)
     else:
         folder = hub.resolve_checkpoint(path, revision)
         if not os.path.exists(os.path.join(folder, "config.json")):
             raise FileNotFoundError(f"No config.json in {folder!r}; pass a folder written by save_pretrained.")
         config = transformers.AutoConfig.from_pretrained(folder, **config_overrides)
-        family, module = _build_module(config, head, dtype, param_dtype, scan_layers, remat_policy)
+        family, module = _build_module(config, head, dtype, param_dtype, scan_layers, remat_policy,
+                                       attention_implementation)
         tensors = hub.read_checkpoint_tensors(folder, lazy=True)
         bnb_config = bnb.checkpoint_quantization(config)
         if bnb_config is not None:
@@ -397,11 +405,13 @@ def build_from_config(
     param_dtype: Any = jnp.float32,
     scan_layers: bool = False,
     remat_policy: str | None = None,
+    attention_implementation: str | None = None,
 ) -> PretrainedModel:
     """A randomly initialised model of ``config`` with the ``head`` module."""
     if not isinstance(config, transformers.PretrainedConfig):
         raise ValueError(f"config must be a transformers PretrainedConfig, got {type(config).__name__}.")
-    family, module = _build_module(config, head, dtype, param_dtype, scan_layers, remat_policy)
+    family, module = _build_module(config, head, dtype, param_dtype, scan_layers, remat_policy,
+                                   attention_implementation)
     inputs = _init_inputs(module)
     params = jax.jit(lambda rng: nn.unbox(module.init(rng, **inputs)))(jax.random.key(seed))
     return PretrainedModel(module, {"params": params["params"]}, config, family, head)
@@ -578,16 +588,17 @@ class _AutoHead:
         """Loads a checkpoint folder, a hub id (cache first), or a ``.gguf`` file.
 
         Keyword arguments: ``dtype`` (compute), ``param_dtype``, ``scan_layers``, ``remat_policy``
-        (None, "full", "dots", ...), ``revision``, ``gguf_file``, ``seed`` (for newly initialised heads),
-        ``quantization_config`` (a ``jaxpeft.QuantizationConfig``: QLoRA's 4-bit base, quantized while loading);
-        anything else overrides the config (``num_labels=3``).
+        (None, "full", "dots", ...), ``attention_implementation`` (None: by backend; ``"xla"``, ``"xla_chunked"``,
+        ``"cudnn"``, ``"splash"``: see ``jaxpeft.models.attention_kernels``), ``revision``, ``gguf_file``, ``seed``
+        (for newly initialised heads), ``quantization_config`` (a ``jaxpeft.QuantizationConfig``: QLoRA's 4-bit
+        base, quantized while loading); anything else overrides the config (``num_labels=3``).
         """
         return load_pretrained(cls.head, name_or_path, **kwargs)
 
     @classmethod
     def from_config(cls, config: Any, **kwargs: Any) -> PretrainedModel:
         """A randomly initialised model; keywords ``seed``, ``dtype``, ``param_dtype``, ``scan_layers``,
-        ``remat_policy``."""
+        ``remat_policy``, ``attention_implementation``."""
         return build_from_config(cls.head, config, **kwargs)
 
 

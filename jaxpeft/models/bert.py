@@ -232,6 +232,7 @@ class BertModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str | None = None
+    attention_implementation: str | None = None  # see attention_kernels; None: chosen by backend
     add_pooling_layer: bool = True
 
     @property
@@ -290,7 +291,9 @@ class BertModel(nn.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros((batch_size, seq_length), dtype=jnp.int32)
         hidden_states = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, deterministic)
-        mask = encoder_layers.encoder_attention_mask(attention_mask, batch_size, seq_length, num_prefix)
+        mask = encoder_layers.encoder_attention_mask(
+            attention_mask, batch_size, seq_length, num_prefix, self.attention_implementation
+        )
         hidden_states = self.encoder(hidden_states, mask, prefix_key_values, deterministic)
         pooled = self.pooler(hidden_states) if self.add_pooling_layer else None
         return EncoderOutput(last_hidden_state=hidden_states, pooler_output=pooled)

@@ -164,6 +164,7 @@ class DistilBertModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str | None = None
+    attention_implementation: str | None = None  # see attention_kernels; None: chosen by backend
 
     @property
     def settings(self) -> EncoderSettings:
@@ -205,7 +206,9 @@ class DistilBertModel(nn.Module):
             attention.check_sequence_length(seq_length, table_size, "max_position_embeddings")
             position_ids = jnp.broadcast_to(jnp.arange(seq_length, dtype=jnp.int32), (batch_size, seq_length))
         hidden_states = self.embeddings(input_ids, position_ids, inputs_embeds, deterministic)
-        mask = encoder_layers.encoder_attention_mask(attention_mask, batch_size, seq_length, num_prefix)
+        mask = encoder_layers.encoder_attention_mask(
+            attention_mask, batch_size, seq_length, num_prefix, self.attention_implementation
+        )
         hidden_states = self.transformer(hidden_states, mask, prefix_key_values, deterministic)
         return EncoderOutput(last_hidden_state=hidden_states)
 

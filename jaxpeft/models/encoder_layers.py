@@ -180,12 +180,22 @@ def self_attention(
     )
 
 
-def encoder_attention_mask(attention_mask: Array | None, batch_size: int, seq_length: int, num_prefix: int) -> Array:
-    """Boolean (batch, 1, seq, num_prefix + seq) mask: every query sees the prefix and the non-padding keys."""
+def encoder_attention_mask(
+    attention_mask: Array | None, batch_size: int, seq_length: int, num_prefix: int, implementation: str | None = None
+) -> attention.AttentionMask:
+    """The bidirectional ``AttentionMask``: every query sees the prefix and the non-padding keys of its segment."""
+    attention.attention_kernels.check_implementation(implementation)
+    given = attention_mask is not None
     if attention_mask is None:
         attention_mask = jnp.ones((batch_size, seq_length), jnp.int32)
-    return attention.make_attention_mask(
-        jnp.asarray(attention_mask), seq_length, causal=False, num_prefix_tokens=num_prefix
+    return attention.AttentionMask(
+        attention_mask=jnp.asarray(attention_mask),
+        query_offset=jnp.zeros((), jnp.int32),
+        query_length=seq_length,
+        num_prefix_tokens=num_prefix,
+        causal=False,
+        given=given,
+        implementation=implementation,
     )
 
 

@@ -52,7 +52,8 @@ class ModelFamily:
     Attributes:
         model_types: the ``config.model_type`` values served (``("llama", "mistral", "qwen2", "qwen3")``).
         modules: head name (one of ``HEADS``) -> linen module class. Every class is built as
-            ``cls(config=config, dtype=..., param_dtype=..., scan_layers=..., remat_policy=...)``.
+            ``cls(config=config, dtype=..., param_dtype=..., scan_layers=..., remat_policy=...,
+            attention_implementation=...)``.
         params_from_hf: ``(tensors, config, head, scan_layers) -> (params, unused_tensor_names)`` where ``tensors``
             maps Hugging Face tensor names (with or without the head's prefix such as ``bert.``) to numpy arrays
             and ``params`` is the unboxed ``{"params": ...}`` pytree of numpy arrays built from the tensors found.

@@ -97,14 +97,21 @@ def check_config(config) -> None:
         llama.inverse_frequencies(params, llama.head_dim_of(config))
 
 
-def masks_by_layer_type(config, token_ids, attention_mask, position_ids, cache, num_prefix_tokens):
+def masks_by_layer_type(
+    config, token_ids, attention_mask, position_ids, cache, num_prefix_tokens, implementation=None
+):
     """``(masks, position_ids, cache_index)``: the attention mask of each layer type present, as
-    ``attention.prepare_decoder_inputs`` builds it (sliding layers with ``config.sliding_window``)."""
+    ``attention.prepare_decoder_inputs`` builds it (sliding layers with ``config.sliding_window``). With both
+    types the full layers' window is one past the last slot, so the two masks have one structure to select from."""
     masks = {}
-    for kind in sorted(set(layer_types_of(config))):
+    kinds = sorted(set(layer_types_of(config)))
+    for kind in kinds:
         window = config.sliding_window if kind == SLIDING else None
+        if kind == FULL and len(kinds) > 1:
+            window = jnp.iinfo(jnp.int32).max
         masks[kind], positions, cache_index = attention.prepare_decoder_inputs(
-            token_ids, attention_mask, position_ids, cache, num_prefix_tokens=num_prefix_tokens, sliding_window=window
+            token_ids, attention_mask, position_ids, cache, num_prefix_tokens=num_prefix_tokens, sliding_window=window,
+            implementation=implementation,
         )
     return masks, positions, cache_index
 
@@ -221,6 +228,7 @@ class GemmaModel(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat_policy: str | None = None
+    attention_implementation: str | None = None  # see attention_kernels; None: chosen by backend
 
     def setup(self):
         config = self.config
@@ -270,7 +278,7 @@ class GemmaModel(nn.Module):
             llama.head_dim_of(config),
         )
         masks, position_ids, cache_index = masks_by_layer_type(
-            config, token_ids, attention_mask, position_ids, cache, num_prefix
+            config, token_ids, attention_mask, position_ids, cache, num_prefix, self.attention_implementation
         )
         hidden = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         ropes = rope_by_layer_type(config, position_ids, self.dtype)

@@ -161,6 +161,7 @@ class GPT2Model(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat_policy: str | None = None
+    attention_implementation: str | None = None  # see attention_kernels; None: chosen by backend
 
     def setup(self):
         config = self.config
@@ -224,7 +225,8 @@ class GPT2Model(nn.Module):
             slots = token_ids.shape[1] if cache is None else attention.cache_length(cache)
             attention.check_sequence_length(slots, config.n_positions, "n_positions")
         mask, position_ids, cache_index = attention.prepare_decoder_inputs(
-            token_ids, attention_mask, position_ids, cache, num_prefix_tokens=num_prefix
+            token_ids, attention_mask, position_ids, cache, num_prefix_tokens=num_prefix,
+            implementation=self.attention_implementation,
         )
         token_embeds = self.wte(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         hidden = token_embeds + self.wpe(position_ids)

@@ -37,6 +37,7 @@ class BackboneHead(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat_policy: str | None = None
+    attention_implementation: str | None = None  # see attention_kernels; None: chosen by backend
     base_model_cls: ClassVar[type]
     backbone_name: ClassVar[str] = "model"
     backbone_options: ClassVar[Mapping[str, Any]] = {}  # further fields, e.g. {"add_pooling_layer": False}
@@ -48,6 +49,7 @@ class BackboneHead(nn.Module):
             param_dtype=self.param_dtype,
             scan_layers=self.scan_layers,
             remat_policy=self.remat_policy,
+            attention_implementation=self.attention_implementation,
             name=self.backbone_name,
             **self.backbone_options,
         )

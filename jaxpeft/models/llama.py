@@ -328,6 +328,7 @@ class LlamaModel(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat_policy: str | None = None
+    attention_implementation: str | None = None  # see attention_kernels; None: chosen by backend
     decoder_layer_cls: ClassVar[type] = LlamaDecoderLayer
 
     def setup(self):
@@ -387,6 +388,7 @@ class LlamaModel(nn.Module):
             cache,
             num_prefix_tokens=num_prefix,
             sliding_window=sliding_window_of(config),
+            implementation=self.attention_implementation,
         )
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         rope = rope_cos_sin(rope_inverse_frequencies(config), position_ids, self.dtype)

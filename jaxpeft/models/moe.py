@@ -184,7 +184,7 @@ def load_balancing_loss(router_logits: jax.Array, top_k: int, attention_mask: ja
     chosen = jax.nn.one_hot(jax.lax.top_k(probs, top_k)[1], num_experts, dtype=jnp.float32).sum(axis=-2)
     if attention_mask is None:
         attention_mask = jnp.ones(router_logits.shape[1:3], jnp.float32)
-    weight = jnp.asarray(attention_mask, jnp.float32)[None, :, :, None]
+    weight = (jnp.asarray(attention_mask) != 0).astype(jnp.float32)[None, :, :, None]
     num_rows = router_logits.shape[0] * jnp.sum(weight)
     tokens_per_expert = jnp.sum(chosen * weight, axis=(0, 1, 2)) / num_rows
     prob_per_expert = jnp.sum(probs * weight, axis=(0, 1, 2)) / num_rows

@@ -1,13 +1,16 @@
-"""Attention masks, prefix key/values (prefix tuning) against torch past_key_values, cached decoding."""
+"""Attention masks and kernels, prefix key/values (prefix tuning) against torch past_key_values, cached decoding."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from jaxpeft.models import AutoModelForCausalLM, init_cache
-from jaxpeft.models.attention import make_attention_mask
+from jaxpeft.models import AutoModelForCausalLM, attention_kernels, init_cache
+from jaxpeft.models.attention import AttentionMask, make_attention_mask
 
 torch.set_num_threads(2)
 
@@ -24,22 +27,32 @@ CONFIGS = {
 }  # fmt: skip
 
 
-def expected_mask(key_mask, query_length, offset, window, num_prefix):
-    """The rule written out element by element."""
+def expected_mask(key_mask, query_length, offset, window, num_prefix, causal=True):
+    """The rule written out element by element: a key is seen when it is not padding (0), lies in the query's
+    segment (a padding query sees every segment), is not later (causal) and lies within the window."""
     batch, slots = key_mask.shape
     out = np.zeros((batch, 1, query_length, num_prefix + slots), bool)
     for b in range(batch):
         for q in range(query_length):
             out[b, 0, q, :num_prefix] = True
+            segment = key_mask[b, offset + q]
             for k in range(slots):
-                visible = k <= offset + q and (window is None or offset + q - k < window)
-                out[b, 0, q, num_prefix + k] = visible and key_mask[b, k] == 1
+                visible = (not causal or k <= offset + q) and (window is None or offset + q - k < window)
+                same_segment = segment == 0 or key_mask[b, k] == segment
+                out[b, 0, q, num_prefix + k] = visible and key_mask[b, k] != 0 and same_segment
     return out
 
 
+MASKS = {
+    "padding": np.array([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 1, 1]]),
+    "packed": np.array([[1, 1, 2, 2, 2, 3, 3, 0, 0], [1, 1, 1, 1, 2, 2, 2, 2, 2]]),
+}
+
+
+@pytest.mark.parametrize("masks", sorted(MASKS))
 @pytest.mark.parametrize("offset,window,num_prefix", [(0, None, 0), (0, 3, 2), (4, None, 0), (4, 2, 1)])
-def test_mask_rule(offset, window, num_prefix):
-    key_mask = np.array([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 1, 1]])
+def test_mask_rule(offset, window, num_prefix, masks):
+    key_mask = MASKS[masks]
     query_length = 9 - offset if offset == 0 else 3
     ours = make_attention_mask(
         jnp.asarray(key_mask), query_length, query_offset=offset, sliding_window=window, num_prefix_tokens=num_prefix
@@ -116,3 +129,80 @@ def test_cached_decoding_matches_torch_full_forward(family, scan_layers):
         out = model(ids[:, t : t + 1], mask, position_ids=positions[:, t : t + 1], cache=out.cache)
         steps.append(np.asarray(out.logits)[:, -1])
     assert np.abs(np.stack(steps, axis=1) - expected[:, 4:]).max() < TOLERANCE
+
+
+def hand_attention(query, key, value, mask, scale, softcap=None):
+    """Grouped-query softmax attention in float64 numpy on a dense boolean mask (batch, 1, T, S)."""
+    query, key, value = (np.asarray(x, np.float64) for x in (query, key, value))
+    group = query.shape[2] // key.shape[2]
+    key, value = np.repeat(key, group, axis=2), np.repeat(value, group, axis=2)
+    scores = np.einsum("bthd,bshd->bhts", query, key) * scale
+    if softcap is not None:
+        scores = softcap * np.tanh(scores / softcap)
+    scores = np.where(mask, scores, -np.inf)
+    scores = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("bhts,bshd->bthd", scores / scores.sum(-1, keepdims=True), value)
+
+
+# (attention_mask, query offset (a cache when > 0), prefix tokens, sliding window, causal)
+KERNEL_CASES = {
+    "right-padding": (MASKS["padding"][::-1].copy(), 0, 0, None, True),
+    "left-padding": (MASKS["padding"], 0, 0, None, True),
+    "packed": (MASKS["packed"], 0, 0, None, True),
+    "prefix+window": (MASKS["packed"], 0, 2, 3, True),
+    "cache": (MASKS["padding"], 4, 1, None, True),
+    "bidirectional": (MASKS["packed"], 0, 0, None, False),
+}
+
+
+def kernel_inputs(case):
+    key_mask, offset, num_prefix, window, causal = KERNEL_CASES[case]
+    query_length = key_mask.shape[1] - offset if offset == 0 else 3
+    mask = AttentionMask(
+        jnp.asarray(key_mask), jnp.asarray(offset, jnp.int32),
+        None if window is None else jnp.asarray(window, jnp.int32), query_length=query_length,
+        num_prefix_tokens=num_prefix, causal=causal, has_cache=offset > 0,
+    )
+    rng = np.random.RandomState(0)
+    query = rng.randn(2, query_length, 4, 8).astype(np.float32)
+    key, value = (rng.randn(2, num_prefix + key_mask.shape[1], 2, 8).astype(np.float32) for _ in range(2))
+    dense = expected_mask(key_mask, query_length, offset, window, num_prefix, causal)
+    real = np.asarray(key_mask)[:, offset : offset + query_length] != 0  # queries that are not padding
+    return mask, (query, key, value), dense, real
+
+
+@pytest.mark.parametrize(
+    "case,softcap", [(case, None) for case in sorted(KERNEL_CASES)] + [("packed", 5.0), ("prefix+window", 5.0)]
+)
+def test_chunked_attention_equals_the_hand_computation(case, softcap):
+    mask, (query, key, value), dense, real = kernel_inputs(case)
+    with np.errstate(invalid="ignore"):  # padding queries of the packed rows see nothing; they are not compared
+        expected = hand_attention(query, key, value, dense, 0.3, softcap)
+    for implementation, block_size in (("xla", None), ("xla_chunked", 2), ("xla_chunked", 4), ("xla_chunked", 64)):
+        ours = attention_kernels.attend(jnp.asarray(query), jnp.asarray(key), jnp.asarray(value),
+                                        mask.replace(implementation=implementation), scale=0.3,
+                                        logit_softcap=softcap, block_size=block_size)
+        np.testing.assert_allclose(np.asarray(ours)[real], expected[real], atol=2e-6)
+
+
+@pytest.mark.parametrize("case", ["left-padding", "prefix+window", "cache"])
+def test_chunked_attention_gradients_equal_the_dense_ones(case):
+    mask, inputs, _, real = kernel_inputs(case)
+    weights = jnp.asarray(real, jnp.float32)[:, :, None, None]
+
+    def loss(implementation, query, key, value):
+        out = attention_kernels.attend(query, key, value, mask.replace(implementation=implementation), scale=0.3,
+                                       block_size=2)
+        return jnp.sum(jnp.sin(out) * weights)
+
+    inputs = tuple(jnp.asarray(x) for x in inputs)
+    dense = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(*inputs)
+    chunked = jax.jit(jax.grad(functools.partial(loss, "xla_chunked"), argnums=(0, 1, 2)))(*inputs)
+    for ours, theirs in zip(chunked, dense, strict=True):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-6)
+
+
+def test_unknown_attention_implementation_is_a_one_line_error(family):
+    _, _, folder = family
+    with pytest.raises(ValueError, match="attention_implementation='flash' is not one of None"):
+        AutoModelForCausalLM.from_pretrained(folder, attention_implementation="flash")
