@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -182,15 +183,60 @@ def _is_one_array(value: Any) -> bool:
     return isinstance(value, (jax.Array, jax.core.Tracer)) and jnp.ndim(value) >= 1
 
 
+# apply_fn -> {call signature: Trace}; an entry lives as long as its apply function.
+_TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MAX_SAMPLE_SIZE = 1 << 16  # sample inputs are keyed by value; larger ones are not worth keeping
+
+
+def _call_signature(variables: Any, args: tuple, kwargs: dict) -> tuple | None:
+    """What a trace depends on, hashable: the structure, shapes and dtypes of ``variables`` (traced abstractly) and
+    the values of the sample inputs (concrete while tracing). None when the call cannot be keyed."""
+    variable_leaves, variable_tree = jax.tree_util.tree_flatten(variables)
+    input_leaves, input_tree = jax.tree_util.tree_flatten((args, kwargs))
+    try:
+        hash((variable_tree, input_tree))
+    except TypeError:
+        return None
+    inputs = []
+    for leaf in input_leaves:
+        if isinstance(leaf, jax.core.Tracer) or (hasattr(leaf, "shape") and jnp.size(leaf) > _MAX_SAMPLE_SIZE):
+            return None
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            array = jax.device_get(leaf)
+            inputs.append((type(leaf).__name__, array.shape, str(array.dtype), array.tobytes()))
+        elif isinstance(leaf, (bool, int, float, str, type(None))):
+            inputs.append((type(leaf).__name__, leaf))
+        else:
+            return None
+    shapes_ = tuple((type(leaf).__name__, shape_of(leaf), str(getattr(leaf, "dtype", type(leaf))))
+                    for leaf in variable_leaves)
+    return variable_tree, shapes_, input_tree, tuple(inputs)
+
+
 def trace_layers(apply_fn: Callable, variables: Any, args: tuple, kwargs: dict) -> Trace:
     """Traces ``apply_fn(variables, *args, **kwargs)`` abstractly and returns what modules it called.
 
+    The trace is kept for the apply function's lifetime and returned again for a call with variables of the same
+    structure, shapes and dtypes and the same sample inputs (adding a second adapter, saving, loading).
     An apply function that can describe its model without running it (``jaxpeft.nnx.view``'s, from the NNX
     graph) does so when no inputs are given.
     """
     describe = getattr(apply_fn, "trace_without_inputs", None)
     if describe is not None and not args and not kwargs:
         return describe()
+    try:
+        kept = _TRACES.setdefault(apply_fn, {})
+    except TypeError:  # neither hashable nor weakly referable: traced every time
+        return _trace_layers(apply_fn, variables, args, kwargs)
+    signature = _call_signature(variables, args, kwargs)
+    if signature is None:
+        return _trace_layers(apply_fn, variables, args, kwargs)
+    if signature not in kept:
+        kept[signature] = _trace_layers(apply_fn, variables, args, kwargs)
+    return kept[signature]
+
+
+def _trace_layers(apply_fn: Callable, variables: Any, args: tuple, kwargs: dict) -> Trace:
     module_types: dict[Path, str] = {}
     layer_calls: dict[Path, tuple[nn.Module, tuple, Any, int]] = {}
     layer_outputs: dict[Path, Any] = {}

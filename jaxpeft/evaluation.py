@@ -19,12 +19,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft import data, pipelines, training
+from jaxpeft import data, losses, pipelines, training
 from jaxpeft.data import IGNORE_INDEX
-from jaxpeft.methods.prompt_tuning import extend_labels
 
 AVERAGES = ("binary", "macro", "micro", "weighted")
 
@@ -154,16 +152,6 @@ def classification_metrics(eval_prediction: Any) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------- perplexity
 
 
-@jax.jit
-def _causal_lm_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array | None) -> dict[str, jax.Array]:
-    """``training.loss_sums`` of a causal LM's batch, the labels extended with ``-100`` in front for positions a
-    prompt-tuning adapter adds."""
-    extra = logits.shape[1] - labels.shape[1]
-    if extra > 0:
-        labels = extend_labels(labels, extra)
-    return training.loss_sums(logits, labels, "causal_lm", weights)
-
-
 def sliding_windows(input_ids: Sequence[int], window: int, stride: int | None = None) -> list[tuple[list, list]]:
     """``(input_ids, labels)`` windows that score every token of a long text once, as Hugging Face's guide to the
     perplexity of fixed-length models: windows of ``window`` tokens start every ``stride`` tokens (default:
@@ -226,6 +214,20 @@ def _given_batch(batch: Mapping, index: int) -> dict:
     return inputs
 
 
+def _causal_lm_sums_fn(model: Any):
+    """The jitted ``(params, batch, weights) -> loss sums`` of a causal LM's active adapter, its output head run
+    ``losses.DEFAULT_CHUNK_SIZE`` tokens at a time where it can be (``training.peft_outputs_fn``): the
+    ``(batch, seq, vocab)`` logits are never held. Kept beside the model's jitted forward for the active adapter, so
+    repeated calls trace once."""
+    runner = model._runner() if hasattr(model, "_runner") else model
+    sums_fn = vars(runner).get("_causal_lm_sums_fn")
+    if sums_fn is None:
+        outputs = training.peft_outputs_fn(model, "causal_lm", lm_loss_chunk_size=losses.DEFAULT_CHUNK_SIZE)
+        sums_fn = runner._causal_lm_sums_fn = jax.jit(lambda params, batch, weights: outputs(params, batch, None,
+                                                                                             weights)[0])
+    return sums_fn
+
+
 def perplexity(
     model: Any,
     texts_or_batches: Any,
@@ -284,17 +286,16 @@ def perplexity(
         raise MetricError("perplexity takes a list of strings or a list of tokenized batches (dicts), not a mix or "
                           f"{type(items[0]).__name__}.")
     vocab_size = getattr(base.config, "vocab_size", None)
+    sums_fn = _causal_lm_sums_fn(model)
     total_nll, total_count = 0.0, 0
     for index, batch in enumerate(batches):
         largest = int(np.max(batch["input_ids"], initial=0))
         if isinstance(vocab_size, int) and largest >= vocab_size:
             raise MetricError(f"batch {index} has token id {largest}, outside the model's vocabulary of "
                               f"{vocab_size}; use the tokenizer the model was trained with.")
-        inputs = {"input_ids": batch["input_ids"]}
-        if "attention_mask" in batch:
-            inputs["attention_mask"] = batch["attention_mask"]
-        output = model(**inputs, params=params)
-        sums = _causal_lm_sums(output.logits, jnp.asarray(batch["labels"], jnp.int32), batch.get("weights"))
+        scored = {name: np.asarray(batch[name], np.int32) for name in ("input_ids", "attention_mask", "labels")
+                  if name in batch}
+        sums = sums_fn(model.params if params is None else params, scored, batch.get("weights"))
         total_nll += float(sums["loss_sum"])
         total_count += int(sums["count"])
     if total_count == 0:

@@ -502,7 +502,7 @@ def classification_loss(logits: jax.Array, labels: Any) -> jax.Array:
 
 
 def _task_of(peft_model, task: str | None) -> str:
-    return _task_of_name(peft_model.base_model.head if task is None else task)
+    return _task_of_name(getattr(peft_model, "base_model", peft_model).head if task is None else task)
 
 
 def _task_of_name(task: str) -> str:
@@ -553,7 +553,8 @@ def runs_head_apart(peft_model) -> bool:
 def peft_outputs_fn(peft_model, task: str | None = None, ignore_index: int = IGNORE_INDEX, *,
                     lm_loss_chunk_size: int | None = None) -> Callable:
     """``outputs(params, batch, rng, weights=None) -> (sums, logits)``: runs a PeftModel's active adapter (the base
-    model when it has none) on a batch and scores it with ``loss_sums``: the loss of training and evaluation alike.
+    model when it has none, or a ``jaxpeft.models`` model itself) on a batch and scores it with ``loss_sums``: the
+    loss of training and evaluation alike.
 
     ``batch`` is a dict of the model's inputs (``input_ids``, ``attention_mask``, ``token_type_ids``, ...) plus
     ``labels``; for ``"causal_lm"`` a batch without labels scores its ``input_ids`` (padding, attention mask 0,
@@ -578,7 +579,8 @@ def peft_outputs_fn(peft_model, task: str | None = None, ignore_index: int = IGN
     """
     task = _task_of(peft_model, task)
     apply_fn = peft_model.apply_fn
-    accepted = set(inspect.signature(type(peft_model.base_model.module).__call__).parameters) - {"self"}
+    base = getattr(peft_model, "base_model", peft_model)
+    accepted = set(inspect.signature(type(base.module).__call__).parameters) - {"self"}
     chunked = bool(lm_loss_chunk_size) and task == "causal_lm" and runs_head_apart(peft_model)
 
     def outputs(params: Any, batch: Mapping, rng: jax.Array | None, weights: Any = None):

@@ -315,7 +315,8 @@ def test_a_run_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path):
 
 
 def test_restores_onto_the_shardings_of_like(tmp_path):
-    worker = run_worker("reshard", tmp_path / "run", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    two_devices = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2"
+    worker = run_worker("reshard", tmp_path / "run", XLA_FLAGS=two_devices)
     try:
         out, _ = worker.communicate(timeout=120)
     finally:

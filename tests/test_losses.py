@@ -125,3 +125,38 @@ def test_trainer_losses_and_eval_loss_equal_the_full_logits_run(tmp_path):
     np.testing.assert_allclose(eval_loss, full_eval, rtol=1e-5)
     with pytest.raises(ValueError, match="lm_loss_chunk_size must be >= 0"):
         jaxpeft.TrainingArguments(str(tmp_path), lm_loss_chunk_size=-1)
+
+
+def _array_shapes(jaxpr) -> set[tuple[int, ...]]:
+    """The shapes of every value a jaxpr computes, in the jaxprs inside it too (map, checkpoint, scan bodies)."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        found.update(tuple(var.aval.shape) for var in eqn.outvars if hasattr(var.aval, "shape"))
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(item, "jaxpr", item)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    found |= _array_shapes(inner)
+    return found
+
+
+def test_perplexity_runs_the_head_in_chunks_and_equals_the_full_logits_by_hand(monkeypatch):
+    from jaxpeft import evaluation
+
+    config, lora = MODELS["llama-lora-head"]
+    model = jaxpeft.get_peft_model(AutoModelForCausalLM.from_config(config, seed=0), lora)
+    shifted = np.asarray(model(IDS, MASK).logits, np.float64)
+    shifted -= shifted.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    scored = np.asarray(MASK)[:, 1:] == 1
+    nll = -np.take_along_axis(log_probs[:, :-1], np.asarray(IDS)[:, 1:, None], -1)[..., 0][scored]
+    monkeypatch.setattr(losses, "DEFAULT_CHUNK_SIZE", 4)  # 2 positions of each row per chunk
+    value = evaluation.perplexity(model, [{"input_ids": IDS, "attention_mask": MASK}])
+    np.testing.assert_allclose(value, np.exp(nll.mean()), rtol=1e-5)
+
+    batch = {"input_ids": IDS, "attention_mask": MASK, "labels": jnp.where(MASK == 1, IDS, -100)}
+    jaxpr = jax.make_jaxpr(evaluation._causal_lm_sums_fn(model))(model.params, batch, None).jaxpr
+    shapes = _array_shapes(jaxpr)
+    vocab = config.vocab_size
+    assert (2, 2, vocab) in shapes  # one chunk's logits
+    assert not {shape for shape in shapes if len(shape) == 3 and shape[-1] == vocab and shape[1] > 2}

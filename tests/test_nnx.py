@@ -438,7 +438,8 @@ print("ok")
 
 
 def test_adapters_follow_the_sharding_of_their_weights_on_eight_devices():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    eight_devices = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": eight_devices}
     done = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], cwd=pathlib.Path(__file__).parent, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -266,7 +266,7 @@ print(json.dumps({"spec": str(codes.sharding.spec), "devices": len(codes.shardin
 def test_quantized_weights_shard_over_eight_devices():
     done = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "JAX_PLATFORMS": "cpu",
-                               "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                               "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["devices"] == 8 and result["error"] < 1e-5

@@ -23,7 +23,7 @@ from jaxpeft.models import AutoModelForCausalLM, AutoModelForSequenceClassificat
 
 HERE = pathlib.Path(__file__).parent
 WORKER = HERE / "sharding_worker.py"
-EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+EIGHT_DEVICES = {"XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8"}
 
 
 def run_worker(*args, env=None, timeout=900) -> subprocess.CompletedProcess:

@@ -9,8 +9,8 @@ attended; they move no position of the real tokens.
 
 Example:
     >>> import jax.numpy as jnp
-    >>> mask = make_attention_mask(jnp.array([[0, 1, 1]]), query_length=3, num_prefix_tokens=2)
-    >>> mask.shape, mask[0, 0, 2].tolist()
+    >>> mask = AttentionMask(jnp.array([[0, 1, 1]]), jnp.zeros((), jnp.int32), query_length=3, num_prefix_tokens=2)
+    >>> mask.rows().shape, mask.rows()[0, 0, 2].tolist()
     ((1, 1, 3, 5), [True, True, False, True, True])
 """
 
@@ -137,39 +137,6 @@ class AttentionMask:
             prefix = jnp.ones((batch_size, 1, length, self.num_prefix_tokens), bool)
             mask = jnp.concatenate([prefix, mask], axis=-1)
         return mask
-
-
-def make_attention_mask(
-    key_mask: jax.Array,
-    query_length: int,
-    *,
-    query_offset: jax.Array | int = 0,
-    causal: bool = True,
-    sliding_window: int | None = None,
-    num_prefix_tokens: int = 0,
-) -> jax.Array:
-    """The boolean mask ``(batch, 1, query_length, num_prefix_tokens + slots)`` of allowed query/key pairs
-    (``AttentionMask.rows`` of the mask these arguments describe).
-
-    Args:
-        key_mask: ``(batch, slots)``, 0 where the key slot is padding, else its segment (1 for ordinary batches;
-            1 also for empty cache slots, which the causal condition hides until they are written).
-        query_length: number of query tokens; they occupy slots ``query_offset..query_offset+query_length-1``.
-        query_offset: the first query's slot (the cache index when decoding).
-        causal: hide keys in later slots.
-        sliding_window: if set, a query sees only the ``sliding_window`` most recent slots, itself included.
-        num_prefix_tokens: prefix key/values in front of the slots, always visible.
-    """
-    has_cache = key_mask.shape[1] != query_length or not isinstance(query_offset, int) or query_offset != 0
-    return AttentionMask(
-        attention_mask=jnp.asarray(key_mask),
-        query_offset=jnp.asarray(query_offset, jnp.int32),
-        sliding_window=None if sliding_window is None else jnp.asarray(sliding_window, jnp.int32),
-        query_length=query_length,
-        num_prefix_tokens=num_prefix_tokens,
-        causal=causal,
-        has_cache=has_cache,
-    ).rows()
 
 
 def write_cache(layer_cache: LayerCache, key: jax.Array, value: jax.Array, index: jax.Array):

@@ -366,7 +366,6 @@ def attend(query, key, value, mask: AttentionMask, *, scale: float, logit_softca
     A ``"cudnn"`` or ``"splash"`` named by the user that cannot run these inputs is a one-line ``ValueError``.
     """
     implementation = mask.implementation or choose_implementation(mask, query, key, logit_softcap)
-    check_implementation(implementation)
     check_fused_kernel(implementation, mask, query, key, logit_softcap)
     if implementation == "cudnn":
         return cudnn_attention(query, key, value, mask, scale=scale)

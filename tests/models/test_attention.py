@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from jaxpeft.models import AutoModelForCausalLM, attention_kernels, init_cache
-from jaxpeft.models.attention import AttentionMask, make_attention_mask
+from jaxpeft.models.attention import AttentionMask
 
 torch.set_num_threads(2)
 
@@ -54,10 +54,12 @@ MASKS = {
 def test_mask_rule(offset, window, num_prefix, masks):
     key_mask = MASKS[masks]
     query_length = 9 - offset if offset == 0 else 3
-    ours = make_attention_mask(
-        jnp.asarray(key_mask), query_length, query_offset=offset, sliding_window=window, num_prefix_tokens=num_prefix
+    ours = AttentionMask(
+        jnp.asarray(key_mask), jnp.asarray(offset, jnp.int32), None if window is None else jnp.asarray(window),
+        query_length=query_length, num_prefix_tokens=num_prefix, has_cache=offset != 0,
     )
-    np.testing.assert_array_equal(np.asarray(ours), expected_mask(key_mask, query_length, offset, window, num_prefix))
+    expected = expected_mask(key_mask, query_length, offset, window, num_prefix)
+    np.testing.assert_array_equal(np.asarray(ours.rows()), expected)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
