@@ -1,0 +1,119 @@
+"""Where a LoRA training step's time goes, as multiples of the base model's forward pass (with its logits), on one
+SmolLM2-135M-shaped Llama (random weights; ``--layers`` of its 30), float32, LoRA r=16 on all seven projections.
+
+    python benchmarks/lora_step_breakdown.py                  # 30 layers, 4 x 256 tokens, chunked loss
+    python benchmarks/lora_step_breakdown.py --layers 4 --loss full
+
+Rows, each jitted and timed as the mean of ``--repeats`` calls after two:
+
+- ``base forward`` / ``adapted forward``: the logits, without and with the adapters;
+- ``base layers`` / ``adapted layers``: the last hidden states only (no output head);
+- ``adapted layers, gradient``: the gradient of the adapters through the layers alone (a fixed random projection of
+  the hidden states as the loss): the layers' backward pass;
+- ``loss``: the causal-LM loss (``training.peft_loss_fn``, ``--loss chunked``: the head a chunk at a time);
+- ``loss, gradient``: its gradient with respect to the adapters;
+- ``training step``: ``training.make_train_step`` (the gradient and AdamW).
+
+The plan's targets: adapted forward <= 1.1x and training step <= 2.1x the base forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+import transformers
+
+import jaxpeft
+from jaxpeft import losses, training
+from jaxpeft.models import AutoModelForCausalLM
+
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+               tie_word_embeddings=True, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def mean_seconds(fn, *args, repeats: int) -> float:
+    """Seconds per call of the jitted ``fn``, after two untimed calls (compilation, warm caches)."""
+    for _ in range(2):
+        jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / repeats
+
+
+def step_seconds(step, state, batch, repeats: int) -> float:
+    for _ in range(2):
+        state, _ = step(state, batch)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        state, _ = step(state, batch)
+    jax.block_until_ready(state)
+    return (time.perf_counter() - start) / repeats
+
+
+def breakdown(args) -> dict[str, float]:
+    config = transformers.LlamaConfig(**SMOLLM2, num_hidden_layers=args.layers, bos_token_id=0, eos_token_id=0)
+    base = AutoModelForCausalLM.from_config(config, dtype="float32", scan_layers=True, seed=0)
+    lora = jaxpeft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    model = jaxpeft.get_peft_model(base, lora)
+    ids = jax.random.randint(jax.random.key(0), (args.batch_size, args.seq), 0, config.vocab_size, jnp.int32)
+    batch = {"input_ids": ids}
+    base_apply, adapted_apply = base.module.apply, model.apply_fn
+    trainable, frozen = jaxpeft.partition(model.params, model.trainable_mask)
+    loss_fn = training.peft_loss_fn(model, lm_loss_chunk_size=losses.DEFAULT_CHUNK_SIZE
+                                    if args.loss == "chunked" else None)
+    projection = jax.random.normal(jax.random.key(1), (args.batch_size, args.seq, config.hidden_size))
+
+    def loss(trainable):
+        return loss_fn(jaxpeft.combine(trainable, frozen), batch, None)
+
+    def layers_loss(trainable):
+        hidden = adapted_apply(jaxpeft.combine(trainable, frozen), ids, method="hidden_states")
+        return jnp.sum(hidden * projection)
+
+    rows = {
+        "base forward": (jax.jit(lambda p: base_apply(p, ids).logits), base.params),
+        "adapted forward": (jax.jit(lambda p: adapted_apply(p, ids).logits), model.params),
+        "base layers": (jax.jit(lambda p: base_apply(p, ids, method="hidden_states")), base.params),
+        "adapted layers": (jax.jit(lambda p: adapted_apply(p, ids, method="hidden_states")), model.params),
+        "adapted layers, gradient": (jax.jit(jax.grad(layers_loss)), trainable),
+        "loss": (jax.jit(loss), trainable),
+        "loss, gradient": (jax.jit(jax.grad(loss)), trainable),
+    }
+    seconds = {name: mean_seconds(fn, value, repeats=args.repeats) for name, (fn, value) in rows.items()}
+    optimizer = optax.adamw(1e-4)
+    state = training.init_train_state(model.params, model.trainable_mask, optimizer)
+    step = training.make_train_step(loss_fn, optimizer, frozen, compute_dtype="float32")
+    seconds["training step"] = step_seconds(step, state, batch, args.repeats)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--loss", choices=("chunked", "full"), default="chunked")
+    parser.add_argument("--repeats", type=int, default=4)
+    args = parser.parse_args()
+    seconds = breakdown(args)
+    base = seconds["base forward"]
+    print(f"SmolLM2 shape, {args.layers} layers, {args.batch_size} x {args.seq} tokens, {args.loss} loss, "
+          f"{jax.devices()[0].device_kind} (jax {jax.__version__})")
+    print("| what | ms | x base forward |\n|---|---|---|")
+    for name, value in seconds.items():
+        print(f"| {name} | {value * 1e3:.0f} | {value / base:.2f} |")
+    layers = seconds["adapted layers"]
+    print(f"adapted layers / base layers: {layers / seconds['base layers']:.2f}; "
+          f"their gradient / adapted layers: {seconds['adapted layers, gradient'] / layers:.2f}")
+
+
+if __name__ == "__main__":
+    main()
