@@ -1,5 +1,8 @@
 """Layer discovery: paths, stacking under nn.scan / nn.vmap / nn.remat, per-layer Hugging Face style paths."""
 
+import gc
+import weakref
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -53,3 +56,43 @@ def test_stacks_and_virtual_paths():
     head = layers[("head",)]
     assert head.stack_shape == () and head.is_output and not scanned.is_output
     assert trace.module_types[("layers", "mlp")] == "Inner"
+
+
+def _mlp():
+    module = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+    x = jnp.ones((1, 4))
+    return module, module.init(jax.random.key(0), x), x
+
+
+def test_a_trace_is_kept_per_apply_function_shapes_and_sample_values():
+    module, variables, x = _mlp()
+    apply_fn = module.apply
+    first = trace_layers(apply_fn, variables, (x,), {})
+    assert sorted(first.layers) == [("layers_0",), ("layers_2",)]
+    assert trace_layers(apply_fn, variables, (x,), {}) is first
+    assert trace_layers(module.apply, jax.tree_util.tree_map(lambda v: v + 1, variables), (x,), {}) is first
+    assert trace_layers(apply_fn, variables, (jnp.ones((2, 4)),), {}) is not first  # another input shape
+    assert trace_layers(apply_fn, variables, (2 * x,), {}) is not first  # the model may branch on input values
+    with_a_leaf = {"params": {**variables["params"], "extra": jnp.zeros(3)}}  # e.g. another adapter's leaves
+    assert ("extra",) in trace_layers(apply_fn, with_a_leaf, (x,), {}).param_shapes
+    assert trace_layers(lambda v, x: module.apply(v, x), variables, (x,), {}) is not first  # another function
+
+
+def _apply_holding_an_array(module):
+    """An apply function closing over an array, as an NNX view's closes over the model's weights."""
+    held = jnp.zeros((64, 64))
+
+    def apply_fn(variables, x):
+        return module.apply(variables, x) + held[0, 0]
+
+    return apply_fn, weakref.ref(held)
+
+
+def test_a_kept_trace_lets_its_apply_function_and_what_it_holds_go():
+    module, variables, x = _mlp()
+    apply_fn, array = _apply_holding_an_array(module)
+    trace_layers(apply_fn, variables, (x,), {})
+    function = weakref.ref(apply_fn)
+    del apply_fn
+    gc.collect()
+    assert function() is None and array() is None
