@@ -4,7 +4,7 @@ SmolLM2-135M-shaped Llama (random weights; ``--layers`` of its 30), float32, LoR
     python benchmarks/lora_step_breakdown.py                  # 30 layers, 4 x 256 tokens, chunked loss
     python benchmarks/lora_step_breakdown.py --layers 4 --loss full
 
-Rows, each jitted and timed as the mean of ``--repeats`` calls after two:
+Rows, each jitted and timed as the mean of ``--repeats`` calls after one (the step: after two):
 
 - ``base forward`` / ``adapted forward``: the logits, without and with the adapters;
 - ``base layers`` / ``adapted layers``: the last hidden states only (no output head);
@@ -20,6 +20,8 @@ The plan's targets: adapted forward <= 1.1x and training step <= 2.1x the base f
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import jax
@@ -27,24 +29,16 @@ import jax.numpy as jnp
 import optax
 import transformers
 
-import jaxpeft
-from jaxpeft import losses, training
-from jaxpeft.models import AutoModelForCausalLM
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention_check import seconds_per_call  # noqa: E402
+
+import jaxpeft  # noqa: E402
+from jaxpeft import losses, training  # noqa: E402
+from jaxpeft.models import AutoModelForCausalLM  # noqa: E402
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                tie_word_embeddings=True, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def mean_seconds(fn, *args, repeats: int) -> float:
-    """Seconds per call of the jitted ``fn``, after two untimed calls (compilation, warm caches)."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / repeats
 
 
 def step_seconds(step, state, batch, repeats: int) -> float:
@@ -87,7 +81,7 @@ def breakdown(args) -> dict[str, float]:
         "loss": (jax.jit(loss), trainable),
         "loss, gradient": (jax.jit(jax.grad(loss)), trainable),
     }
-    seconds = {name: mean_seconds(fn, value, repeats=args.repeats) for name, (fn, value) in rows.items()}
+    seconds = {name: seconds_per_call(fn, (value,), args.repeats) for name, (fn, value) in rows.items()}
     optimizer = optax.adamw(1e-4)
     state = training.init_train_state(model.params, model.trainable_mask, optimizer)
     step = training.make_train_step(loss_fn, optimizer, frozen, compute_dtype="float32")

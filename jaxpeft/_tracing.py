@@ -208,9 +208,9 @@ def _call_signature(variables: Any, args: tuple, kwargs: dict) -> tuple | None:
             inputs.append((type(leaf).__name__, leaf))
         else:
             return None
-    shapes_ = tuple((type(leaf).__name__, shape_of(leaf), str(getattr(leaf, "dtype", type(leaf))))
+    variable_shapes = tuple((type(leaf).__name__, shape_of(leaf), str(getattr(leaf, "dtype", type(leaf))))
                     for leaf in variable_leaves)
-    return variable_tree, shapes_, input_tree, tuple(inputs)
+    return variable_tree, variable_shapes, input_tree, tuple(inputs)
 
 
 def trace_layers(apply_fn: Callable, variables: Any, args: tuple, kwargs: dict) -> Trace:
