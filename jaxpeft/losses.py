@@ -1,37 +1,99 @@
 """The causal-LM loss without the ``(batch, seq, vocab)`` logits: computed over sequence chunks straight from the
-last hidden states and the output head, each chunk's logits recomputed in the backward pass rather than kept.
+last hidden states and the output head.
 
-At the llama-1b shape (8 x 2048 tokens, vocabulary 128,256) the float32 logits alone take 8.4 GB and their gradient
-as much again; in chunks of 1024 tokens (128 positions of each of the 8 rows) the loss holds 0.5 GB of logits at a
-time.
+The loss is the model's last step, so its gradient is known as soon as a chunk's logits are: the forward pass takes
+each chunk's gradient with respect to the hidden states (and to whatever of the head is trained) right away, from
+one ``exp`` of its logits, and the backward pass only scales what was kept. A chunk's logits are thus computed once,
+never recomputed, and never kept. At the llama-1b shape (8 x 2048 tokens, vocabulary 128,256) the float32 logits
+alone take 8.4 GB and their gradient as much again; in chunks of 1024 tokens (128 positions of each of the 8 rows)
+the loss holds 0.5 GB of logits and as much of their gradient at a time.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
+from jax.custom_derivatives import SymbolicZero
 
 from jaxpeft.data import IGNORE_INDEX
 
 DEFAULT_CHUNK_SIZE = 1024
 
 
-def _chunk_sums(logits_of: Callable[[jax.Array], jax.Array], hidden: jax.Array, labels: jax.Array,
-                weight: jax.Array, ignore_index: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(loss_sum, count, correct)`` of one chunk: ``hidden (batch, positions, features)`` predicting ``labels
-    (batch, positions)``, each example weighing ``weight (batch, 1)``."""
-    logits = logits_of(hidden).astype(jnp.float32)
+def _sums_and_gradient(logits: jax.Array, labels: jax.Array, weight: jax.Array,
+                       ignore_index: int) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """``(loss_sum, count, correct)`` of one chunk, ``logits (batch, positions, vocab)`` predicting ``labels (batch,
+    positions)`` with each example weighing ``weight (batch, 1)``, and the gradient of ``loss_sum`` with respect to
+    the logits: ``weight * (softmax(logits) - one_hot(label))``, from the one ``exp`` that the loss takes."""
+    logits32 = logits.astype(jnp.float32)
     keep = labels != ignore_index
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, labels, 0))
-    correct = keep & (jnp.argmax(logits, -1) == labels)
+    targets = jnp.where(keep, labels, 0)
     weight = keep.astype(jnp.float32) * weight
     counted = weight > 0  # weight-0 terms are left out: a NaN or inf there cannot spread
-    return (jnp.sum(jnp.where(counted, losses * weight, 0.0)), jnp.sum(weight),
-            jnp.sum(jnp.where(counted & correct, weight, 0.0)))
+    shifted = logits32 - jnp.max(logits32, axis=-1, keepdims=True)
+    exp = jnp.exp(shifted)
+    total = jnp.sum(exp, axis=-1, keepdims=True)
+    losses = jnp.log(total[..., 0]) - jnp.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
+    correct = counted & (jnp.argmax(logits32, -1) == labels)
+    sums = (jnp.sum(jnp.where(counted, losses * weight, 0.0)), jnp.sum(weight),
+            jnp.sum(jnp.where(correct, weight, 0.0)))
+    one_hot = jnp.arange(logits.shape[-1]) == targets[..., None]
+    gradient = jnp.where(counted, weight, 0.0)[..., None] * (exp / total - one_hot)
+    return sums, gradient.astype(logits.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _summed_chunks(head: Callable, ignore_index: int, hidden: jax.Array, labels: jax.Array, weight: jax.Array,
+                   *consts: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(loss_sum, count, correct)`` over ``hidden (chunks, batch, positions, features)`` and ``labels (chunks,
+    batch, positions)``, the logits being ``head(hidden_chunk, *consts)``."""
+    def one_chunk(chunk):
+        return _sums_and_gradient(head(chunk[0], *consts), chunk[1], weight, ignore_index)[0]
+
+    return tuple(jnp.sum(s) for s in jax.lax.map(one_chunk, (hidden, labels)))
+
+
+def _summed_chunks_forward(head, ignore_index, hidden, labels, weight, *consts):
+    """The sums, and as residuals the gradient of ``loss_sum`` with respect to ``hidden`` and to each trained
+    constant of the head (``None`` for the rest: their gradient is never computed)."""
+    if weight.perturbed:
+        raise ValueError("chunked_causal_lm_sums takes the example weights as constants and has no gradient for "
+                         "them: pass jax.lax.stop_gradient(weights), or use loss_sums on the full logits")
+    trained = [c.perturbed for c in consts]
+    values = [c.value for c in consts]
+
+    def logits_of(chunk, trained_values):
+        given = iter(trained_values)
+        return head(chunk, *(next(given) if t else v for v, t in zip(values, trained, strict=True)))
+
+    def one_chunk(summed_gradients, chunk):
+        logits, pullback = jax.vjp(logits_of, chunk[0], [v for v, t in zip(values, trained, strict=True) if t])
+        sums, logits_gradient = _sums_and_gradient(logits, chunk[1], weight.value, ignore_index)
+        hidden_gradient, gradients = pullback(logits_gradient)
+        summed = [s + g.astype(jnp.float32) for s, g in zip(summed_gradients, gradients, strict=True)]
+        return summed, (sums, hidden_gradient)
+
+    zeros = [jnp.zeros(v.shape, jnp.float32) for v, t in zip(values, trained, strict=True) if t]
+    summed, (sums, hidden_gradient) = jax.lax.scan(one_chunk, zeros, (hidden.value, labels.value))
+    summed = iter(summed)
+    const_gradients = [next(summed).astype(v.dtype) if t else None for v, t in zip(values, trained, strict=True)]
+    return tuple(jnp.sum(s) for s in sums), (hidden_gradient, const_gradients)
+
+
+def _summed_chunks_backward(head, ignore_index, residuals, cotangents):
+    hidden_gradient, const_gradients = residuals
+    scale = cotangents[0]  # count and correct do not depend on the inputs
+    if isinstance(scale, SymbolicZero):
+        return (None, None, None) + (None,) * len(const_gradients)
+    return ((scale * hidden_gradient).astype(hidden_gradient.dtype), None, None,
+            *(None if g is None else (scale * g).astype(g.dtype) for g in const_gradients))
+
+
+_summed_chunks.defvjp(_summed_chunks_forward, _summed_chunks_backward, symbolic_zeros=True)
 
 
 def _in_chunks(x: jax.Array, positions: int, fill: Any) -> jax.Array:
@@ -50,9 +112,10 @@ def chunked_causal_lm_sums(hidden: jax.Array, labels: Any, logits_of: Callable[[
     positions, features)`` to their vocabulary logits (the model's output head, e.g. ``lambda h:
     model.apply(variables, h, method="lm_logits")``); ``labels``: ``(batch, seq)`` token ids, ``ignore_index`` where
     nothing is predicted. About ``chunk_size`` tokens at a time (``chunk_size // batch`` positions of every example)
-    go through ``logits_of`` inside a ``jax.lax.map`` whose body is rematerialised (``jax.checkpoint``), so neither
-    the forward nor the backward pass holds more than one chunk's logits. Returns ``{"loss_sum", "count",
-    "correct"}`` as ``loss_sums`` does.
+    go through ``logits_of``; under differentiation each chunk's gradient is taken in the forward pass (see the
+    module's docstring), so no pass holds more than one chunk's logits and their gradient, and no chunk's logits
+    are computed twice. Whatever ``logits_of`` closes over (the head's weights) gets its gradient only where it is
+    differentiated; ``weights`` are constants. Returns ``{"loss_sum", "count", "correct"}`` as ``loss_sums`` does.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -76,8 +139,7 @@ def chunked_causal_lm_sums(hidden: jax.Array, labels: Any, logits_of: Callable[[
         raise ValueError(f"weights must have one value per example, shape {labels.shape[:1]}, got {weight.shape}")
     hidden, labels = hidden[:, :-1], labels[:, 1:]  # position t predicts token t + 1
     positions = min(max(chunk_size // max(labels.shape[0], 1), 1), max(labels.shape[1], 1))
-    per_chunk = jax.checkpoint(lambda h, y: _chunk_sums(logits_of, h, y, weight[:, None], ignore_index))
-    sums = jax.lax.map(lambda xs: per_chunk(*xs), (_in_chunks(hidden, positions, 0),
-                                                   _in_chunks(labels, positions, ignore_index)))
-    loss_sum, count, correct = (jnp.sum(s) for s in sums)
+    hidden, labels = _in_chunks(hidden, positions, 0), _in_chunks(labels, positions, ignore_index)
+    head, consts = jax.closure_convert(logits_of, jax.ShapeDtypeStruct(hidden.shape[1:], hidden.dtype))
+    loss_sum, count, correct = _summed_chunks(head, ignore_index, hidden, labels, weight[:, None], *consts)
     return {"loss_sum": loss_sum, "count": count, "correct": correct}

@@ -50,11 +50,46 @@ def test_equals_the_full_logits_loss_and_its_gradients(chunk_size):
     assert float(sums["correct"]) == float(full["correct"])
 
 
+def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """The output shape of every ``dot_general`` in a jaxpr and the jaxprs inside it (a scan body counted once)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(eqn.outvars[0].aval.shape))
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(item, "jaxpr", item)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    found += _dot_output_shapes(inner)
+    return found
+
+
+def test_each_chunk_runs_the_head_once_and_a_frozen_head_gets_no_gradient():
+    hidden = jax.random.normal(jax.random.key(0), (3, 9, 6))
+    head = jax.random.normal(jax.random.key(1), (6, 13))
+    labels = jax.random.randint(jax.random.key(2), (3, 9), 0, 13)
+
+    def loss(hidden, head):
+        sums = chunked_causal_lm_sums(hidden, labels, lambda h: h @ head, chunk_size=6)  # 2 positions per chunk
+        return sums["loss_sum"] / sums["count"]
+
+    for argnums, head_gradients in (((0,), 0), ((0, 1), 1)):
+        shapes = _dot_output_shapes(jax.make_jaxpr(jax.grad(loss, argnums))(hidden, head).jaxpr)
+        assert shapes.count((3, 2, 13)) == 1  # a chunk's logits: computed once, never recomputed
+        assert shapes.count((3, 2, 6)) == 1  # their gradient carried back to the hidden states
+        assert shapes.count((6, 13)) + shapes.count((13, 6)) == head_gradients  # the head's, only where trained
+    np.testing.assert_allclose(jax.grad(loss, 1)(hidden, head), jax.grad(lambda w: _plain(hidden, w, labels))(head),
+                               atol=1e-6)
+
+
 def test_bad_input_is_one_line():
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         chunked_causal_lm_sums(jnp.zeros((1, 4, 2)), jnp.zeros((1, 4), int), lambda h: h, chunk_size=0)
     with pytest.raises(ValueError, match=r"must match, got \(1, 4, 2\) and \(1, 5\)"):
         chunked_causal_lm_sums(jnp.zeros((1, 4, 2)), jnp.zeros((1, 5), int), lambda h: h)
+    with pytest.raises(ValueError, match=r"weights as constants .* jax.lax.stop_gradient\(weights\)"):
+        jax.grad(lambda w: chunked_causal_lm_sums(jnp.ones((1, 4, 2)), jnp.ones((1, 4), int), lambda h: h,
+                                                  weights=w)["loss_sum"])(jnp.ones(1))
 
 
 MODELS = {
