@@ -296,7 +296,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     so a loop can stop on ``not metrics["is_finite"]`` naming ``metrics["step"]`` and still save the last good
     state. ``proceed=False`` (a device bool) makes the step change nothing either, and its ``is_finite`` False:
     pass the previous step's ``metrics["is_finite"]`` and check it after dispatching this step, so the loop never
-    waits for the device, yet nothing moves past the first bad step.
+    waits for the device, yet nothing moves past the first bad step. ``step.lower(state, batch)`` lowers the step as
+    ``jax.jit``'s ``lower`` does, e.g. for ``.compile().memory_analysis()``.
 
     Example:
         >>> import jax.numpy as jnp, optax
@@ -370,6 +371,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     def step(state: TrainState, batch: Any, proceed: Any = True) -> tuple[TrainState, dict]:
         return jitted(state, frozen, batch, jnp.asarray(proceed, bool))
 
+    step.lower = lambda state, batch, proceed=True: jitted.lower(state, frozen, batch, jnp.asarray(proceed, bool))
     return step
 
 

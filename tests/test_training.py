@@ -282,6 +282,19 @@ def test_donation_deletes_the_old_state_only_when_asked():
         assert not new_state.trainable["lora"].is_deleted()
 
 
+def test_lowered_step_takes_the_frozen_weights_as_arguments_and_runs_as_the_step():
+    state, step = quadratic_setup(donate=False)
+    compiled = step.lower(state, jnp.zeros(3)).compile()
+    # The frozen "w" (3 floats) is an argument of the compiled step, not a constant baked into it.
+    frozen_bytes, state_bytes = 3 * 4, sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(state))
+    assert compiled.memory_analysis().argument_size_in_bytes >= frozen_bytes + state_bytes
+    assert "3xf32" in step.lower(state, jnp.zeros(3)).as_text()
+    frozen = jaxpeft.partition({"w": jnp.ones(3), "lora": jnp.full(3, 0.5)}, {"w": False, "lora": True})[1]
+    lowered_state, _ = compiled(state, frozen, jnp.full(3, 2.0), jnp.asarray(True))
+    np.testing.assert_allclose(lowered_state.trainable["lora"], 0.5 - 0.1 * 2 * (0.5 - 2.0))  # w = 1: d(l - 2)^2
+    np.testing.assert_allclose(step(state, jnp.full(3, 2.0))[0].trainable["lora"], lowered_state.trainable["lora"])
+
+
 def test_bf16_compute_keeps_float32_adapters(gpt2_lora_no_dropout):
     model = gpt2_lora_no_dropout
     optimizer, _ = training.make_optimizer(1e-3, total_steps=10)
