@@ -1,7 +1,7 @@
 """The attention kernels behind ``attention.dot_product_attention``, one per backend, all given the same
 ``AttentionMask`` (its parts, not a dense array) and all equal to the dense XLA computation:
 
-- ``"xla"``: ``jax.nn.dot_product_attention`` on the dense mask (an explicit softmax when scores are soft-capped);
+- ``"xla"``: the scores, softmax and weighted sum written out in XLA on the dense mask (``explicit_attention``);
 - ``"xla_chunked"``: the same a block of queries at a time, each block rematerialised in the backward pass, so
   no more than ``(batch, heads, block, keys)`` scores are held (long sequences on CPU, and anywhere else);
 - ``"cudnn"``: cuDNN's fused attention on NVIDIA GPUs (``jax.nn.dot_product_attention(implementation="cudnn")``);
@@ -75,31 +75,37 @@ def explicit_attention(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
-    """Grouped-query attention with the softmax written out (float32 scores): soft-capping and dropout.
+    """Grouped-query attention with the softmax written out (float32 scores), soft-capping and dropout included.
 
     ``query`` ``(batch, T, heads, head_dim)``, ``key``/``value`` ``(batch, S, kv_heads, head_dim)``,
-    ``dense_mask`` ``(batch, 1, T, S)`` bool; returns ``(batch, T, heads, head_dim)``.
+    ``dense_mask`` ``(batch, 1, T, S)`` bool; returns ``(batch, T, heads, head_dim)``. The queries that share a key
+    head are laid out as one ``(group * T, head_dim)`` matrix per batch row and key head, so the two products are
+    one plain matrix product each: on the CPU this runs the forward and backward pass in about half the time of
+    ``jax.nn.dot_product_attention``'s layout.
     """
     batch, q_len, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
-    grouped = query.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    logits = jnp.einsum("btkgh,bskh->bkgts", grouped, key).astype(jnp.float32) * scale
+    group = num_heads // num_kv_heads
+    rows = query.reshape(batch, q_len, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    rows = rows.reshape(batch, num_kv_heads, group * q_len, head_dim)
+    key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("bkqh,bksh->bkqs", rows, key, preferred_element_type=jnp.float32) * scale
     logits = soft_cap(logits, logit_softcap)
-    dense_mask = dense_mask.reshape(dense_mask.shape[0], 1, 1, *dense_mask.shape[2:])
-    logits = jnp.where(dense_mask, logits, jnp.finfo(jnp.float32).min)
+    mask_rows = dense_mask.shape[0]
+    dense_mask = jnp.broadcast_to(dense_mask[:, :, None], (mask_rows, 1, group, q_len, dense_mask.shape[-1]))
+    logits = jnp.where(dense_mask.reshape(mask_rows, 1, group * q_len, -1), logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(value.dtype), value)
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (batch, num_kv_heads, group, q_len, key.shape[2]))
+        probs = jnp.where(keep.reshape(probs.shape), probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs.astype(value.dtype), value)
+    out = out.reshape(batch, num_kv_heads, group, q_len, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
 def dense_attention(query, key, value, dense_mask, *, scale, logit_softcap):
-    """``jax.nn.dot_product_attention`` (XLA), or the explicit softmax when the scores are soft-capped."""
-    if logit_softcap is not None:
-        return explicit_attention(query, key, value, dense_mask, scale=scale, logit_softcap=logit_softcap)
-    return jax.nn.dot_product_attention(query, key, value, mask=dense_mask, scale=scale, implementation="xla")
+    """``explicit_attention`` without dropout: the whole ``(batch, heads, T, keys)`` scores at once."""
+    return explicit_attention(query, key, value, dense_mask, scale=scale, logit_softcap=logit_softcap)
 
 
 def xla_attention(query, key, value, mask: AttentionMask, *, scale: float, logit_softcap=None) -> jax.Array:
