@@ -490,6 +490,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _Command]]:
                  choices=("nf4", "fp4", "int8", "int4"))
     train.option(group, "--double-quant", "flag", "with --quantize nf4/fp4: quantize the block scales too "
                  "(bitsandbytes' double quantization)")
+    train.option(group, "--remat-policy", "str", "recompute each layer's values in the backward pass rather than "
+                 "keep them (gradient checkpointing): full, dots, dots_with_no_batch_dims, ... (benchmarks/RESULTS.md "
+                 "measures time against memory)", metavar="POLICY")
     group = train.group("method")
     train.option(group, "--method", "str", "the PEFT method",
                  choices=tuple(method.cli_name for method in methods_in_order()), required=True)
@@ -1091,6 +1094,22 @@ def _quantization(options: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--quantize {options.quantize}: {error}") from None
 
 
+def _remat(options: argparse.Namespace) -> dict[str, Any]:
+    """``{"remat_policy": ...}`` for ``--remat-policy`` (empty without it)."""
+    if options.remat_policy is None:
+        return {}
+    if is_factory(options.model):
+        raise UsageError("--remat-policy applies to the models jaxpeft loads; an NNX factory builds its own layers, "
+                         "so wrap them in nnx.remat there and drop --remat-policy")
+    from jaxpeft.models import attention
+
+    try:
+        attention.remat_policy_for(options.remat_policy)
+    except ValueError as error:
+        raise UsageError(f"--remat-policy: {error}") from None
+    return {"remat_policy": options.remat_policy}
+
+
 def _recorded_quantization(run: dict) -> dict[str, Any]:
     """The quantization a ``jaxpeft train`` run's base was loaded with, to load it the same way."""
     recorded = run.get("quantization")
@@ -1146,6 +1165,7 @@ def _train(options: argparse.Namespace, task: str) -> int:
 
     peft_options = {"base_model_name_or_path": _local_or_id(options.model), **_method_options(options)}
     peft_config = method_config(options.method, task, peft_options)  # a bad option fails before the model loads
+    remat = _remat(options)
     train_examples, eval_examples = _train_data(options, task)
     training_args = _training_arguments(options)
     tokenizer_source = options.tokenizer or options.model
@@ -1154,7 +1174,7 @@ def _train(options: argparse.Namespace, task: str) -> int:
     names = None if task == "causal_lm" else label_names(all_examples, options.label_column or "label", task)
     # quiet: the new classifier head is trained (modules_to_save), so transformers' "newly initialized" is moot
     quantized = _quantization(options)
-    model = load_model(options.model, task, quiet=True, **quantized,
+    model = load_model(options.model, task, quiet=True, **quantized, **remat,
                        **_head_overrides(options, task, names, all_examples))
     virtual_tokens = _input_virtual_tokens(peft_config)
     max_length = _max_length(options.max_length, model, tokenizer, virtual_tokens)

@@ -299,7 +299,7 @@ def test_trainer_resumes_a_qlora_run_exactly(llama, saved_llama, tmp_path):
     assert losses[0][-1] < losses[0][0]
 
 
-def test_cli_trains_on_a_4bit_base_and_evaluates_with_it(saved_llama, tmp_path):
+def test_cli_trains_on_a_4bit_base_and_evaluates_with_it(saved_llama, tmp_path, monkeypatch, capsys):
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps({"text": "a b c d e f g h"}) + "\n" for _ in range(8)))
     words = tokenizers.Tokenizer(tokenizers.models.WordLevel({chr(97 + i): i for i in range(26)} | {"[UNK]": 26},
@@ -310,18 +310,27 @@ def test_cli_trains_on_a_4bit_base_and_evaluates_with_it(saved_llama, tmp_path):
     run = tmp_path / "run"
     from jaxpeft import cli
 
+    loaded = []
+    load_model = cli.load_model
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: loaded.append(kwargs) or load_model(*args, **kwargs))
     code = cli.main(["train", "--model", saved_llama, "--tokenizer", str(tokenizer_folder), "--task", "causal_lm",
                      "--method", "lora", "--r", "4", "--target-modules", "q_proj,v_proj", "--train-file",
                      str(train_file), "--output-dir", str(run), "--max-steps", "2", "--quantize", "nf4",
                      "--double-quant", "--save-strategy", "no", "--packing", "--max-length", "24",
-                     "--batch-size", "2"])
-    assert code == 0
+                     "--batch-size", "2", "--remat-policy", "full"])
+    assert code == 0 and loaded[0]["remat_policy"] == "full"
     recorded = json.loads((run / "jaxpeft_run.json").read_text())
     assert recorded["quantization"]["quant_type"] == "nf4" and recorded["quantization"]["double_quant"] is True
     # --packing: the eight lines packed into rows of --max-length 24 tokens
     assert recorded["training_arguments"]["packing"] is True and recorded["training_arguments"]["max_length"] == 24
     assert cli.main(["train", "--model", saved_llama, "--task", "causal_lm", "--method", "lora", "--train-file",
                      str(train_file), "--output-dir", str(tmp_path / "bad"), "--double-quant"]) == 2
+    capsys.readouterr()
+    assert cli.main(["train", "--model", saved_llama, "--task", "causal_lm", "--method", "lora", "--train-file",
+                     str(train_file), "--output-dir", str(tmp_path / "bad"), "--remat-policy", "some"]) == 2
+    error = capsys.readouterr().err
+    assert "--remat-policy: Unknown remat_policy 'some'; choose one of" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
 
 
 def test_merging_into_a_plain_integer_kernel_is_refused_not_rounded():
