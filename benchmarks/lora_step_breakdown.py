@@ -52,11 +52,18 @@ def step_seconds(step, state, batch, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def breakdown(args) -> dict[str, float]:
-    config = transformers.LlamaConfig(**SMOLLM2, num_hidden_layers=args.layers, bos_token_id=0, eos_token_id=0)
-    base = AutoModelForCausalLM.from_config(config, dtype="float32", scan_layers=True, seed=0)
+def smollm2_lora(layers: int, **model_options):
+    """``(config, base, model)``: a SmolLM2-135M-shaped Llama of ``layers`` layers (random weights; ``model_options``
+    go to ``from_config``, float32 and scanned unless given) and it with LoRA r=16 on all seven projections."""
+    config = transformers.LlamaConfig(**SMOLLM2, num_hidden_layers=layers, bos_token_id=0, eos_token_id=0)
+    base = AutoModelForCausalLM.from_config(config, **{"dtype": "float32", "scan_layers": True, "seed": 0,
+                                                       **model_options})
     lora = jaxpeft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
-    model = jaxpeft.get_peft_model(base, lora)
+    return config, base, jaxpeft.get_peft_model(base, lora)
+
+
+def breakdown(args) -> dict[str, float]:
+    config, base, model = smollm2_lora(args.layers)
     ids = jax.random.randint(jax.random.key(0), (args.batch_size, args.seq), 0, config.vocab_size, jnp.int32)
     batch = {"input_ids": ids}
     base_apply, adapted_apply = base.module.apply, model.apply_fn

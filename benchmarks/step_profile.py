@@ -31,14 +31,12 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_
 
 import jax  # noqa: E402
 import optax  # noqa: E402
-import transformers  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lora_step_breakdown import SMOLLM2, TARGETS  # noqa: E402
+from lora_step_breakdown import smollm2_lora  # noqa: E402
 
 import jaxpeft  # noqa: E402
 from jaxpeft import losses, training  # noqa: E402
-from jaxpeft.models import AutoModelForCausalLM  # noqa: E402
 
 # Within the layers, (group, pattern on the op_name): the first match wins.
 LAYER_GROUPS = [
@@ -120,11 +118,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="profiled steps (after two unprofiled ones)")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
-    config = transformers.LlamaConfig(**SMOLLM2, num_hidden_layers=args.layers, bos_token_id=0, eos_token_id=0)
-    base = AutoModelForCausalLM.from_config(config, dtype="float32", seed=0, scan_layers=not args.unrolled,
-                                            remat_policy=None if args.remat == "none" else args.remat)
-    lora = jaxpeft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
-    model = jaxpeft.get_peft_model(base, lora)
+    config, _, model = smollm2_lora(args.layers, scan_layers=not args.unrolled,
+                                    remat_policy=None if args.remat == "none" else args.remat)
     _, frozen = jaxpeft.partition(model.params, model.trainable_mask)
     optimizer = optax.adamw(1e-4)
     loss_fn = training.peft_loss_fn(model, lm_loss_chunk_size=losses.DEFAULT_CHUNK_SIZE)

@@ -24,14 +24,12 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
-import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lora_step_breakdown import SMOLLM2, TARGETS  # noqa: E402
+from lora_step_breakdown import SMOLLM2, smollm2_lora  # noqa: E402
 
 import jaxpeft  # noqa: E402
 from jaxpeft import losses, training  # noqa: E402
-from jaxpeft.models import AutoModelForCausalLM  # noqa: E402
 
 DEFAULT_VARIANTS = ["remat=none", "remat=dots_with_no_batch_dims", "remat=dots", "remat=full"]
 GIB = 2**30
@@ -50,14 +48,12 @@ def parse_variant(text: str) -> dict:
     return {**settings, "scan": settings["scan"] == "true"}
 
 
-def build_step(config, settings: dict, batch: dict):
+def build_step(layers: int, settings: dict, batch: dict):
     """``(step, state, memory)`` for one variant: its jitted train step, a fresh state, and the compiled step's
     ``(temporary, argument)`` bytes."""
-    base = AutoModelForCausalLM.from_config(config, dtype=settings["dtype"], param_dtype=settings["dtype"], seed=0,
-                                            scan_layers=settings["scan"],
-                                            remat_policy=None if settings["remat"] == "none" else settings["remat"])
-    lora = jaxpeft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
-    model = jaxpeft.get_peft_model(base, lora)
+    _, _, model = smollm2_lora(layers, dtype=settings["dtype"], param_dtype=settings["dtype"],
+                               scan_layers=settings["scan"],
+                               remat_policy=None if settings["remat"] == "none" else settings["remat"])
     _, frozen = jaxpeft.partition(model.params, model.trainable_mask)
     chunk = losses.DEFAULT_CHUNK_SIZE if settings["loss"] == "chunked" else None
     loss_fn = training.peft_loss_fn(model, lm_loss_chunk_size=chunk)
@@ -77,12 +73,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     args = parser.parse_args()
-    config = transformers.LlamaConfig(**SMOLLM2, num_hidden_layers=args.layers, bos_token_id=0, eos_token_id=0)
-    ids = jax.random.randint(jax.random.key(0), (args.batch_size, args.seq), 0, config.vocab_size, jnp.int32)
+    ids = jax.random.randint(jax.random.key(0), (args.batch_size, args.seq), 0, SMOLLM2["vocab_size"], jnp.int32)
     batch = {"input_ids": ids}
     runs = {}
     for text in args.variants:
-        step, state, memory = build_step(config, parse_variant(text), batch)
+        step, state, memory = build_step(args.layers, parse_variant(text), batch)
         start = time.perf_counter()
         for _ in range(2):
             state, metrics = step(state, batch)

@@ -238,10 +238,6 @@ def dot_product_attention(
     if isinstance(mask, AttentionMask) and not use_dropout:
         return attention_kernels.attend(query, key, value, mask, scale=scale, logit_softcap=logit_softcap)
     dense_mask = mask.rows() if isinstance(mask, AttentionMask) else mask
-    if not use_dropout:
-        return attention_kernels.dense_attention(
-            query, key, value, dense_mask, scale=scale, logit_softcap=logit_softcap
-        )
     return attention_kernels.explicit_attention(
         query, key, value, dense_mask, scale=scale, logit_softcap=logit_softcap,
         dropout_rate=dropout_rate, dropout_rng=dropout_rng,

@@ -103,14 +103,9 @@ def explicit_attention(
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def dense_attention(query, key, value, dense_mask, *, scale, logit_softcap):
-    """``explicit_attention`` without dropout: the whole ``(batch, heads, T, keys)`` scores at once."""
-    return explicit_attention(query, key, value, dense_mask, scale=scale, logit_softcap=logit_softcap)
-
-
 def xla_attention(query, key, value, mask: AttentionMask, *, scale: float, logit_softcap=None) -> jax.Array:
     """The dense XLA attention: the whole ``(batch, 1, T, keys)`` mask and ``(batch, heads, T, keys)`` scores."""
-    return dense_attention(query, key, value, mask.rows(), scale=scale, logit_softcap=logit_softcap)
+    return explicit_attention(query, key, value, mask.rows(), scale=scale, logit_softcap=logit_softcap)
 
 
 def chunked_attention(
@@ -137,7 +132,7 @@ def chunked_attention(
 
 def _chunk(query, key, value, *, mask, start, length, num_keys, scale, logit_softcap):
     dense_mask = mask.rows(start, length)[..., :num_keys]
-    return dense_attention(
+    return explicit_attention(
         query, key[:, :num_keys], value[:, :num_keys], dense_mask, scale=scale, logit_softcap=logit_softcap
     )
 
