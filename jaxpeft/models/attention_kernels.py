@@ -1,7 +1,8 @@
 """The attention kernels behind ``attention.dot_product_attention``, one per backend, all given the same
 ``AttentionMask`` (its parts, not a dense array) and all equal to the dense XLA computation:
 
-- ``"xla"``: the scores, softmax and weighted sum written out in XLA on the dense mask (``explicit_attention``);
+- ``"xla"``: the scores, softmax and weighted sum written out in XLA on the dense mask (``explicit_attention``); a
+  causal mask splits the queries into ``CAUSAL_BLOCKS`` blocks that each skip the keys after their last query;
 - ``"xla_chunked"``: the same a block of queries at a time, each block rematerialised in the backward pass, so
   no more than ``(batch, heads, block, keys)`` scores are held (long sequences on CPU, and anywhere else);
 - ``"cudnn"``: cuDNN's fused attention on NVIDIA GPUs (``jax.nn.dot_product_attention(implementation="cudnn")``);
@@ -35,6 +36,10 @@ IMPLEMENTATIONS = ("xla", "xla_chunked", "cudnn", "splash")
 # Queries per block of the chunked path, and the query × key count above which the CPU choice turns to it.
 DEFAULT_BLOCK_SIZE = 512
 CHUNKED_ABOVE = 1024 * 1024
+# Query blocks of the "xla" kernel under a causal mask without a cache (3/8 of the scores are never computed), for
+# sequences of at least CAUSAL_BLOCKS * MIN_CAUSAL_BLOCK queries.
+CAUSAL_BLOCKS = 4
+MIN_CAUSAL_BLOCK = 16
 
 
 def check_implementation(implementation: str | None) -> None:
@@ -103,9 +108,31 @@ def explicit_attention(
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def xla_attention(query, key, value, mask: AttentionMask, *, scale: float, logit_softcap=None) -> jax.Array:
-    """The dense XLA attention: the whole ``(batch, 1, T, keys)`` mask and ``(batch, heads, T, keys)`` scores."""
-    return explicit_attention(query, key, value, mask.rows(), scale=scale, logit_softcap=logit_softcap)
+def causal_block_size(mask: AttentionMask, query_length: int) -> int | None:
+    """The query block length with which the ``"xla"`` kernel skips a causal mask's later keys, or None (one block).
+
+    Example:
+        >>> from jaxpeft.models.attention import AttentionMask
+        >>> mask = AttentionMask(jnp.ones((1, 256), jnp.int32), jnp.zeros((), jnp.int32), query_length=256)
+        >>> causal_block_size(mask, 256), causal_block_size(mask.replace(causal=False), 256)
+        (64, None)
+    """
+    if not mask.causal or mask.has_cache or query_length < CAUSAL_BLOCKS * MIN_CAUSAL_BLOCK:
+        return None
+    return -(-query_length // CAUSAL_BLOCKS)
+
+
+def xla_attention(
+    query, key, value, mask: AttentionMask, *, scale: float, logit_softcap=None, block_size: int | None = None
+) -> jax.Array:
+    """The XLA attention on the dense mask. Under a causal mask the queries go a block of ``block_size`` (default
+    ``causal_block_size``) at a time, each block seeing only the keys up to its last query and keeping its scores
+    for the backward pass (about 0.5-0.65 x the time of one block on a CPU, ``benchmarks/RESULTS.md``)."""
+    block_size = block_size or causal_block_size(mask, query.shape[1])
+    if block_size is None:
+        return explicit_attention(query, key, value, mask.rows(), scale=scale, logit_softcap=logit_softcap)
+    return _query_blocks(query, key, value, mask, scale=scale, logit_softcap=logit_softcap, block_size=block_size,
+                         remat=False)
 
 
 def chunked_attention(
@@ -117,6 +144,11 @@ def chunked_attention(
     makes the backward pass recompute its scores rather than keep them. Causal blocks look only at the keys up to
     their last query (the prefix and slots before it), which halves the work of a long causal sequence.
     """
+    return _query_blocks(query, key, value, mask, scale=scale, logit_softcap=logit_softcap, block_size=block_size,
+                         remat=True)
+
+
+def _query_blocks(query, key, value, mask: AttentionMask, *, scale, logit_softcap, block_size: int, remat: bool):
     query_length = query.shape[1]
     outputs = []
     for start in range(0, query_length, block_size):
@@ -126,7 +158,7 @@ def chunked_attention(
             num_keys = mask.num_prefix_tokens + start + length
         block = functools.partial(_chunk, mask=mask, start=start, length=length, num_keys=num_keys, scale=scale,
                                   logit_softcap=logit_softcap)
-        outputs.append(jax.checkpoint(block)(query[:, start : start + length], key, value))
+        outputs.append((jax.checkpoint(block) if remat else block)(query[:, start : start + length], key, value))
     return jnp.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
 
 
@@ -362,7 +394,8 @@ backend is 'cpu'; use attention_implementation=None (chosen by backend) or 'xla_
 
 def attend(query, key, value, mask: AttentionMask, *, scale: float, logit_softcap=None, block_size=None):
     """Attention by ``mask.implementation`` (or the one ``choose_implementation`` picks); ``key``/``value`` hold
-    the prefix key/values in front. Returns ``(batch, T, heads, head_dim)``.
+    the prefix key/values in front. Returns ``(batch, T, heads, head_dim)``. ``block_size`` is the query block of
+    the XLA kernels (default: ``DEFAULT_BLOCK_SIZE`` for ``"xla_chunked"``, ``causal_block_size`` for ``"xla"``).
 
     A ``"cudnn"`` or ``"splash"`` named by the user that cannot run these inputs is a one-line ``ValueError``.
     """
@@ -375,4 +408,4 @@ def attend(query, key, value, mask: AttentionMask, *, scale: float, logit_softca
     if implementation == "xla_chunked":
         return chunked_attention(query, key, value, mask, scale=scale, logit_softcap=logit_softcap,
                                  block_size=block_size or DEFAULT_BLOCK_SIZE)
-    return xla_attention(query, key, value, mask, scale=scale, logit_softcap=logit_softcap)
+    return xla_attention(query, key, value, mask, scale=scale, logit_softcap=logit_softcap, block_size=block_size)

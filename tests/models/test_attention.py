@@ -180,7 +180,8 @@ def test_chunked_attention_equals_the_hand_computation(case, softcap):
     mask, (query, key, value), dense, real = kernel_inputs(case)
     with np.errstate(invalid="ignore"):  # padding queries of the packed rows see nothing; they are not compared
         expected = hand_attention(query, key, value, dense, 0.3, softcap)
-    for implementation, block_size in (("xla", None), ("xla_chunked", 2), ("xla_chunked", 4), ("xla_chunked", 64)):
+    blocks = (("xla", None), ("xla", 2), ("xla", 4), ("xla_chunked", 2), ("xla_chunked", 4), ("xla_chunked", 64))
+    for implementation, block_size in blocks:
         ours = attention_kernels.attend(jnp.asarray(query), jnp.asarray(key), jnp.asarray(value),
                                         mask.replace(implementation=implementation), scale=0.3,
                                         logit_softcap=softcap, block_size=block_size)
@@ -189,19 +190,54 @@ def test_chunked_attention_equals_the_hand_computation(case, softcap):
 
 @pytest.mark.parametrize("case", ["left-padding", "prefix+window", "cache"])
 def test_chunked_attention_gradients_equal_the_dense_ones(case):
-    mask, inputs, _, real = kernel_inputs(case)
+    mask, inputs, dense_mask, real = kernel_inputs(case)
     weights = jnp.asarray(real, jnp.float32)[:, :, None, None]
 
-    def loss(implementation, query, key, value):
-        out = attention_kernels.attend(query, key, value, mask.replace(implementation=implementation), scale=0.3,
-                                       block_size=2)
+    def loss(implementation, block_size, query, key, value):
+        if implementation == "dense":
+            out = attention_kernels.explicit_attention(query, key, value, jnp.asarray(dense_mask), scale=0.3)
+        else:
+            out = attention_kernels.attend(query, key, value, mask.replace(implementation=implementation),
+                                           scale=0.3, block_size=block_size)
         return jnp.sum(jnp.sin(out) * weights)
 
     inputs = tuple(jnp.asarray(x) for x in inputs)
-    dense = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(*inputs)
-    chunked = jax.jit(jax.grad(functools.partial(loss, "xla_chunked"), argnums=(0, 1, 2)))(*inputs)
-    for ours, theirs in zip(chunked, dense, strict=True):
-        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-6)
+    dense = jax.grad(functools.partial(loss, "dense", None), argnums=(0, 1, 2))(*inputs)
+    for implementation in ("xla", "xla_chunked"):
+        blocked = jax.jit(jax.grad(functools.partial(loss, implementation, 2), argnums=(0, 1, 2)))(*inputs)
+        for ours, theirs in zip(blocked, dense, strict=True):
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-6)
+
+
+def score_key_lengths(function, *inputs) -> list[int]:
+    """The key count of each ``bkqh,bksh->bkqs`` score product in ``function``'s jaxpr, in order."""
+    jaxpr = jax.make_jaxpr(function)(*inputs)
+    return [eqn.outvars[0].aval.shape[-1] for eqn in jaxpr.eqns
+            if eqn.primitive.name == "dot_general" and eqn.params["dimension_numbers"][0] == ((3,), (3,))]
+
+
+@pytest.mark.parametrize("causal,has_cache", [(True, False), (False, False), (True, True)])
+def test_the_xla_kernel_skips_the_keys_after_each_causal_block(causal, has_cache):
+    """64 causal queries go in 4 blocks of 16 that see 16, 32, 48 and 64 keys, equal to the hand computation; a
+    bidirectional mask or a cache keeps one block over all keys."""
+    rng = np.random.RandomState(1)
+    key_mask = np.ones((2, 64), np.int32)
+    key_mask[0, :5] = 0  # left padding
+    key_mask[1, 40:] = 2  # a second packed document
+    offset = 0
+    query_length = 64
+    mask = AttentionMask(jnp.asarray(key_mask), jnp.asarray(offset, jnp.int32), query_length=query_length,
+                         causal=causal, has_cache=has_cache)
+    query = rng.randn(2, query_length, 4, 8).astype(np.float32)
+    key, value = (rng.randn(2, 64, 2, 8).astype(np.float32) for _ in range(2))
+    function = functools.partial(attention_kernels.xla_attention, mask=mask, scale=0.3)
+    expected_lengths = [16, 32, 48, 64] if causal and not has_cache else [64]
+    assert score_key_lengths(function, query, key, value) == expected_lengths
+    dense = expected_mask(key_mask, query_length, offset, None, 0, causal)
+    with np.errstate(invalid="ignore"):  # left-padding queries before any real key see nothing; not compared
+        expected = hand_attention(query, key, value, dense, 0.3)
+    real = key_mask != 0
+    np.testing.assert_allclose(np.asarray(jax.jit(function)(query, key, value))[real], expected[real], atol=2e-6)
 
 
 def test_unknown_attention_implementation_is_a_one_line_error(family):
