@@ -4,7 +4,8 @@ SmolLM2-135M-shaped Llama (random weights; ``--layers`` of its 30), float32, LoR
     python benchmarks/lora_step_breakdown.py                  # 30 layers, 4 x 256 tokens, chunked loss
     python benchmarks/lora_step_breakdown.py --layers 4 --loss full
 
-Rows, each jitted and timed as the mean of ``--repeats`` calls after one (the step: after two):
+Rows, each jitted and timed as the median of ``--rounds`` rounds in which every row runs once, after two warm-up
+calls (the rows take turns, so the device's drift between minutes is shared out):
 
 - ``base forward`` / ``adapted forward``: the logits, without and with the adapters;
 - ``base layers`` / ``adapted layers``: the last hidden states only (no output head);
@@ -14,6 +15,9 @@ Rows, each jitted and timed as the mean of ``--repeats`` calls after one (the st
 - ``loss, gradient``: its gradient with respect to the adapters;
 - ``training step``: ``training.make_train_step`` (the gradient and AdamW).
 
+Each row also gives its FLOPs (XLA's cost analysis), their ratio to the base forward's, the rate it ran at, and the
+time it would take at the speed of one plain matmul: the floor of that row on this device.
+
 The plan's targets: adapted forward <= 1.1x and training step <= 2.1x the base forward.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -30,8 +35,6 @@ import optax
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention_check import seconds_per_call  # noqa: E402
-
 import jaxpeft  # noqa: E402
 from jaxpeft import losses, training  # noqa: E402
 from jaxpeft.models import AutoModelForCausalLM  # noqa: E402
@@ -39,17 +42,6 @@ from jaxpeft.models import AutoModelForCausalLM  # noqa: E402
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                tie_word_embeddings=True, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def step_seconds(step, state, batch, repeats: int) -> float:
-    for _ in range(2):
-        state, _ = step(state, batch)
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        state, _ = step(state, batch)
-    jax.block_until_ready(state)
-    return (time.perf_counter() - start) / repeats
 
 
 def smollm2_lora(layers: int, **model_options):
@@ -62,8 +54,10 @@ def smollm2_lora(layers: int, **model_options):
     return config, base, jaxpeft.get_peft_model(base, lora)
 
 
-def breakdown(args) -> dict[str, float]:
-    config, base, model = smollm2_lora(args.layers)
+def pieces(args, layers: int, **model_options) -> dict[str, tuple]:
+    """Each row's ``(jitted function, arguments)`` on a model of ``layers`` layers (``model_options`` to
+    ``from_config``); the training step's arguments are ``(state, batch)``."""
+    config, base, model = smollm2_lora(layers, **model_options)
     ids = jax.random.randint(jax.random.key(0), (args.batch_size, args.seq), 0, config.vocab_size, jnp.int32)
     batch = {"input_ids": ids}
     base_apply, adapted_apply = base.module.apply, model.apply_fn
@@ -79,21 +73,76 @@ def breakdown(args) -> dict[str, float]:
         hidden = adapted_apply(jaxpeft.combine(trainable, frozen), ids, method="hidden_states")
         return jnp.sum(hidden * projection)
 
-    rows = {
-        "base forward": (jax.jit(lambda p: base_apply(p, ids).logits), base.params),
-        "adapted forward": (jax.jit(lambda p: adapted_apply(p, ids).logits), model.params),
-        "base layers": (jax.jit(lambda p: base_apply(p, ids, method="hidden_states")), base.params),
-        "adapted layers": (jax.jit(lambda p: adapted_apply(p, ids, method="hidden_states")), model.params),
-        "adapted layers, gradient": (jax.jit(jax.grad(layers_loss)), trainable),
-        "loss": (jax.jit(loss), trainable),
-        "loss, gradient": (jax.jit(jax.grad(loss)), trainable),
-    }
-    seconds = {name: seconds_per_call(fn, (value,), args.repeats) for name, (fn, value) in rows.items()}
     optimizer = optax.adamw(1e-4)
     state = training.init_train_state(model.params, model.trainable_mask, optimizer)
-    step = training.make_train_step(loss_fn, optimizer, frozen, compute_dtype="float32")
-    seconds["training step"] = step_seconds(step, state, batch, args.repeats)
-    return seconds
+    return {
+        "base forward": (jax.jit(lambda p: base_apply(p, ids).logits), (base.params,)),
+        "adapted forward": (jax.jit(lambda p: adapted_apply(p, ids).logits), (model.params,)),
+        "base layers": (jax.jit(lambda p: base_apply(p, ids, method="hidden_states")), (base.params,)),
+        "adapted layers": (jax.jit(lambda p: adapted_apply(p, ids, method="hidden_states")), (model.params,)),
+        "adapted layers, gradient": (jax.jit(jax.grad(layers_loss)), (trainable,)),
+        "loss": (jax.jit(loss), (trainable,)),
+        "loss, gradient": (jax.jit(jax.grad(loss)), (trainable,)),
+        "training step": (training.make_train_step(loss_fn, optimizer, frozen, compute_dtype="float32"),
+                          (state, batch)),
+    }
+
+
+def runner(name: str, function, arguments):
+    """A call of one row with no arguments; the training step's carries its state from call to call."""
+    if name != "training step":
+        return lambda: function(*arguments)
+    state, batch = arguments
+
+    def step():
+        nonlocal state
+        state, _ = function(state, batch)
+        return state
+
+    return step
+
+
+def breakdown(args) -> dict[str, float]:
+    runs = {name: runner(name, *row) for name, row in pieces(args, args.layers).items()}
+    for run in runs.values():
+        for _ in range(2):
+            jax.block_until_ready(run())
+    seconds = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def xla_flops(args) -> dict[str, float]:
+    """Each row's FLOPs by XLA's cost analysis at ``args.layers`` layers. The analysis counts a scanned layer once,
+    so it runs on unrolled stacks of 1 and 2 layers, and the layers' share is scaled to ``args.layers``; and on the
+    full-logits loss, which does the chunked loss's work without its loop over chunks."""
+    counts = []
+    for layers in (1, 2):
+        counts.append({})
+        unrolled = pieces(argparse.Namespace(**{**vars(args), "loss": "full"}), layers, scan_layers=False)
+        for name, (function, arguments) in unrolled.items():
+            analysis = function.lower(*arguments).compile().cost_analysis()
+            counts[-1][name] = (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+    return {name: one + (args.layers - 1) * (counts[1][name] - one) for name, one in counts[0].items()}
+
+
+def matmul_rate(calls: int = 20, rounds: int = 5) -> float:
+    """FLOP/s of one plain float32 ``jnp.dot`` at the MLP's shape (1024 x 576 x 1536), best of ``rounds`` rounds of
+    ``calls``, in a process that has run nothing else yet: the device's matmul speed."""
+    x, w = jax.random.normal(jax.random.key(2), (1024, 576)), jax.random.normal(jax.random.key(3), (576, 1536))
+    dot = jax.jit(jnp.dot)
+    jax.block_until_ready(dot(x, w))
+    fastest = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            jax.block_until_ready(dot(x, w))
+        fastest = min(fastest, (time.perf_counter() - start) / calls)
+    return 2 * 1024 * 576 * 1536 / fastest
 
 
 def main() -> None:
@@ -102,15 +151,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--loss", choices=("chunked", "full"), default="chunked")
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    rate = matmul_rate()
     seconds = breakdown(args)
-    base = seconds["base forward"]
+    flops = xla_flops(args)
+    base, base_flops = seconds["base forward"], flops["base forward"]
     print(f"SmolLM2 shape, {args.layers} layers, {args.batch_size} x {args.seq} tokens, {args.loss} loss, "
-          f"{jax.devices()[0].device_kind} (jax {jax.__version__})")
-    print("| what | ms | x base forward |\n|---|---|---|")
+          f"{jax.devices()[0].device_kind} (jax {jax.__version__}); one jnp.dot at the MLP's shape, run first: "
+          f"{rate / 1e9:.0f} GFLOP/s")
+    print("| what | ms | x base forward | GFLOP | x base forward's FLOPs | GFLOP/s | ms at the jnp.dot's rate |\n"
+          "|---|---|---|---|---|---|---|")
     for name, value in seconds.items():
-        print(f"| {name} | {value * 1e3:.0f} | {value / base:.2f} |")
+        print(f"| {name} | {value * 1e3:.0f} | {value / base:.2f} | {flops[name] / 1e9:.1f} | "
+              f"{flops[name] / base_flops:.2f} | {flops[name] / value / 1e9:.0f} | {flops[name] / rate * 1e3:.0f} |")
     layers = seconds["adapted layers"]
     print(f"adapted layers / base layers: {layers / seconds['base layers']:.2f}; "
           f"their gradient / adapted layers: {seconds['adapted layers, gradient'] / layers:.2f}")
