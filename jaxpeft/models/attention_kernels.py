@@ -108,18 +108,18 @@ def explicit_attention(
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def causal_block_size(mask: AttentionMask, query_length: int) -> int | None:
+def causal_block_size(mask: AttentionMask) -> int | None:
     """The query block length with which the ``"xla"`` kernel skips a causal mask's later keys, or None (one block).
 
     Example:
         >>> from jaxpeft.models.attention import AttentionMask
         >>> mask = AttentionMask(jnp.ones((1, 256), jnp.int32), jnp.zeros((), jnp.int32), query_length=256)
-        >>> causal_block_size(mask, 256), causal_block_size(mask.replace(causal=False), 256)
+        >>> causal_block_size(mask), causal_block_size(mask.replace(causal=False))
         (64, None)
     """
-    if not mask.causal or mask.has_cache or query_length < CAUSAL_BLOCKS * MIN_CAUSAL_BLOCK:
+    if not mask.causal or mask.has_cache or mask.query_length < CAUSAL_BLOCKS * MIN_CAUSAL_BLOCK:
         return None
-    return -(-query_length // CAUSAL_BLOCKS)
+    return -(-mask.query_length // CAUSAL_BLOCKS)
 
 
 def xla_attention(
@@ -128,7 +128,7 @@ def xla_attention(
     """The XLA attention on the dense mask. Under a causal mask the queries go a block of ``block_size`` (default
     ``causal_block_size``) at a time, each block seeing only the keys up to its last query and keeping its scores
     for the backward pass (about 0.5-0.65 x the time of one block on a CPU, ``benchmarks/RESULTS.md``)."""
-    block_size = block_size or causal_block_size(mask, query.shape[1])
+    block_size = block_size or causal_block_size(mask)
     if block_size is None:
         return explicit_attention(query, key, value, mask.rows(), scale=scale, logit_softcap=logit_softcap)
     return _query_blocks(query, key, value, mask, scale=scale, logit_softcap=logit_softcap, block_size=block_size,
