@@ -3,6 +3,9 @@ SmolLM2-135M-shaped Llama (random weights; ``--layers`` of its 30), float32, LoR
 
     python benchmarks/lora_step_breakdown.py                  # 30 layers, 4 x 256 tokens, chunked loss
     python benchmarks/lora_step_breakdown.py --layers 4 --loss full
+    python benchmarks/lora_step_breakdown.py --shape tiny     # the tiny Llama of cpu_targets.py, 8 x 128 tokens
+
+``--shape tiny`` is the 4-layer Llama of ``cpu_targets.py`` (hidden 256, vocab 8192) with the same adapters.
 
 Rows, each jitted and timed as the median of ``--rounds`` rounds in which every row runs twice and its second call
 is timed, after two warm-up calls (the rows take turns, so the device's drift between minutes is shared out):
@@ -35,6 +38,8 @@ import optax
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cpu_targets  # noqa: E402
+
 import jaxpeft  # noqa: E402
 from jaxpeft import losses, training  # noqa: E402
 from jaxpeft.models import AutoModelForCausalLM  # noqa: E402
@@ -42,12 +47,21 @@ from jaxpeft.models import AutoModelForCausalLM  # noqa: E402
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                tie_word_embeddings=True, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# shape: (layers, batch size, tokens per row) unless given
+SHAPE_DEFAULTS = {"smollm2": (30, 4, 256), "tiny": (4, 8, 128)}
 
 
-def smollm2_lora(layers: int, **model_options):
-    """``(config, base, model)``: a SmolLM2-135M-shaped Llama of ``layers`` layers (random weights; ``model_options``
-    go to ``from_config``, float32 and scanned unless given) and it with LoRA r=16 on all seven projections."""
-    config = transformers.LlamaConfig(**SMOLLM2, num_hidden_layers=layers, bos_token_id=0, eos_token_id=0)
+def llama_config(layers: int, shape: str = "smollm2") -> transformers.LlamaConfig:
+    if shape == "tiny":
+        return cpu_targets.llama_config(layers)
+    return transformers.LlamaConfig(**SMOLLM2, num_hidden_layers=layers, bos_token_id=0, eos_token_id=0)
+
+
+def llama_lora(layers: int, shape: str = "smollm2", **model_options):
+    """``(config, base, model)``: a Llama of ``shape`` (``"smollm2"``: SmolLM2-135M's, ``"tiny"``: cpu_targets.py's)
+    with ``layers`` layers (random weights; ``model_options`` go to ``from_config``, float32 and scanned unless
+    given), and it with LoRA r=16 on all seven projections."""
+    config = llama_config(layers, shape)
     base = AutoModelForCausalLM.from_config(config, **{"dtype": "float32", "scan_layers": True, "seed": 0,
                                                        **model_options})
     lora = jaxpeft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
@@ -57,7 +71,7 @@ def smollm2_lora(layers: int, **model_options):
 def pieces(args, layers: int, **model_options) -> dict[str, tuple]:
     """Each row's ``(jitted function, arguments)`` on a model of ``layers`` layers (``model_options`` to
     ``from_config``); the training step's arguments are ``(state, batch)``."""
-    config, base, model = smollm2_lora(layers, **model_options)
+    config, base, model = llama_lora(layers, args.shape, **model_options)
     ids = jax.random.randint(jax.random.key(0), (args.batch_size, args.seq), 0, config.vocab_size, jnp.int32)
     batch = {"input_ids": ids}
     base_apply, adapted_apply = base.module.apply, model.apply_fn
@@ -131,10 +145,12 @@ def xla_flops(args) -> dict[str, float]:
     return {name: one + (args.layers - 1) * (counts[1][name] - one) for name, one in counts[0].items()}
 
 
-def matmul_rate(calls: int = 20, rounds: int = 5) -> float:
-    """FLOP/s of one plain float32 ``jnp.dot`` at the MLP's shape (1024 x 576 x 1536), best of ``rounds`` rounds of
-    ``calls``, in a process that has run nothing else yet: the device's matmul speed."""
-    x, w = jax.random.normal(jax.random.key(2), (1024, 576)), jax.random.normal(jax.random.key(3), (576, 1536))
+def matmul_rate(tokens: int, config: transformers.LlamaConfig, calls: int = 20, rounds: int = 5) -> float:
+    """FLOP/s of one plain float32 ``jnp.dot`` at the MLP's shape (tokens x hidden x intermediate), best of ``rounds``
+    rounds of ``calls``, in a process that has run nothing else yet: the device's matmul speed."""
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    x = jax.random.normal(jax.random.key(2), (tokens, hidden))
+    w = jax.random.normal(jax.random.key(3), (hidden, intermediate))
     dot = jax.jit(jnp.dot)
     jax.block_until_ready(dot(x, w))
     fastest = float("inf")
@@ -143,22 +159,25 @@ def matmul_rate(calls: int = 20, rounds: int = 5) -> float:
         for _ in range(calls):
             jax.block_until_ready(dot(x, w))
         fastest = min(fastest, (time.perf_counter() - start) / calls)
-    return 2 * 1024 * 576 * 1536 / fastest
+    return 2 * tokens * hidden * intermediate / fastest
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--shape", choices=tuple(SHAPE_DEFAULTS), default="smollm2")
+    parser.add_argument("--layers", type=int, help="30 (smollm2) or 4 (tiny) unless given")
+    parser.add_argument("--batch-size", type=int, help="4 (smollm2) or 8 (tiny) unless given")
+    parser.add_argument("--seq", type=int, help="256 (smollm2) or 128 (tiny) unless given")
     parser.add_argument("--loss", choices=("chunked", "full"), default="chunked")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    rate = matmul_rate()
+    for name, default in zip(("layers", "batch_size", "seq"), SHAPE_DEFAULTS[args.shape], strict=True):
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    rate = matmul_rate(args.batch_size * args.seq, llama_config(1, args.shape))
     seconds = breakdown(args)
     flops = xla_flops(args)
     base, base_flops = seconds["base forward"], flops["base forward"]
-    print(f"SmolLM2 shape, {args.layers} layers, {args.batch_size} x {args.seq} tokens, {args.loss} loss, "
+    print(f"{args.shape} shape, {args.layers} layers, {args.batch_size} x {args.seq} tokens, {args.loss} loss, "
           f"{jax.devices()[0].device_kind} (jax {jax.__version__}); one jnp.dot at the MLP's shape, run first: "
           f"{rate / 1e9:.0f} GFLOP/s")
     print("| what | ms | x base forward | GFLOP | x base forward's FLOPs | GFLOP/s | ms at the jnp.dot's rate |\n"

@@ -23,14 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import transformers
+from lora_step_breakdown import SMOLLM2, TARGETS
 
 import jaxpeft
 from jaxpeft import assets, data, training
 from jaxpeft.models import AutoModelForCausalLM, load_gguf_tokenizer
-
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-               tie_word_embeddings=True, max_position_embeddings=2048)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def articles(max_length: int, count: int) -> list[dict]:

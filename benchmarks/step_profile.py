@@ -3,6 +3,7 @@ shape (random weights; ``--layers`` of its 30), its XLA ops grouped by what they
 
     python benchmarks/step_profile.py                        # 30 scanned layers, 4 x 256 tokens, float32
     python benchmarks/step_profile.py --layers 4 --remat dots_with_no_batch_dims --top 20
+    python benchmarks/step_profile.py --shape tiny            # cpu_targets.py's 4-layer Llama, 8 x 128 tokens
 
 Each XLA op of the trace is named after the JAX operation it came from (the compiled step's ``op_name``
 metadata), which says which module ran it and whether it belongs to the backward pass (``transpose(...)``). The
@@ -33,7 +34,7 @@ import jax  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lora_step_breakdown import smollm2_lora  # noqa: E402
+from lora_step_breakdown import SHAPE_DEFAULTS, llama_lora  # noqa: E402
 
 import jaxpeft  # noqa: E402
 from jaxpeft import losses, training  # noqa: E402
@@ -110,16 +111,19 @@ def summarise(events: list[dict], names: dict[str, str], steps: int, top: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--shape", choices=tuple(SHAPE_DEFAULTS), default="smollm2")
+    parser.add_argument("--layers", type=int, help="30 (smollm2) or 4 (tiny) unless given")
+    parser.add_argument("--batch-size", type=int, help="4 (smollm2) or 8 (tiny) unless given")
+    parser.add_argument("--seq", type=int, help="256 (smollm2) or 128 (tiny) unless given")
     parser.add_argument("--remat", default="none", help="a remat_policy name, or none")
     parser.add_argument("--unrolled", action="store_true", help="unrolled layers rather than one scanned stack")
     parser.add_argument("--steps", type=int, default=2, help="profiled steps (after two unprofiled ones)")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
-    config, _, model = smollm2_lora(args.layers, scan_layers=not args.unrolled,
-                                    remat_policy=None if args.remat == "none" else args.remat)
+    for name, default in zip(("layers", "batch_size", "seq"), SHAPE_DEFAULTS[args.shape], strict=True):
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    config, _, model = llama_lora(args.layers, args.shape, scan_layers=not args.unrolled,
+                                  remat_policy=None if args.remat == "none" else args.remat)
     _, frozen = jaxpeft.partition(model.params, model.trainable_mask)
     optimizer = optax.adamw(1e-4)
     loss_fn = training.peft_loss_fn(model, lm_loss_chunk_size=losses.DEFAULT_CHUNK_SIZE)
@@ -135,7 +139,7 @@ def main() -> None:
     jax.block_until_ready(state)
     seconds = time.perf_counter() - start
     events, state = traced_ops(step, state, batch, args.steps)
-    print(f"SmolLM2 shape, {args.layers} {'unrolled' if args.unrolled else 'scanned'} layers, remat {args.remat}, "
+    print(f"{args.shape} shape, {args.layers} {'unrolled' if args.unrolled else 'scanned'} layers, remat {args.remat}, "
           f"{args.batch_size} x {args.seq} tokens, LoRA r=16, AdamW, float32, {jax.devices()[0].device_kind} "
           f"(jax {jax.__version__}); one unprofiled step: {seconds * 1e3:.0f} ms; mean of {args.steps} traced steps")
     summarise(events, names, args.steps, args.top)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lora_step_breakdown import SMOLLM2, smollm2_lora  # noqa: E402
+from lora_step_breakdown import SMOLLM2, llama_lora  # noqa: E402
 
 import jaxpeft  # noqa: E402
 from jaxpeft import losses, training  # noqa: E402
@@ -51,9 +51,9 @@ def parse_variant(text: str) -> dict:
 def build_step(layers: int, settings: dict, batch: dict):
     """``(step, state, memory)`` for one variant: its jitted train step, a fresh state, and the compiled step's
     ``(temporary, argument)`` bytes."""
-    _, _, model = smollm2_lora(layers, dtype=settings["dtype"], param_dtype=settings["dtype"],
-                               scan_layers=settings["scan"],
-                               remat_policy=None if settings["remat"] == "none" else settings["remat"])
+    _, _, model = llama_lora(layers, dtype=settings["dtype"], param_dtype=settings["dtype"],
+                             scan_layers=settings["scan"],
+                             remat_policy=None if settings["remat"] == "none" else settings["remat"])
     _, frozen = jaxpeft.partition(model.params, model.trainable_mask)
     chunk = losses.DEFAULT_CHUNK_SIZE if settings["loss"] == "chunked" else None
     loss_fn = training.peft_loss_fn(model, lm_loss_chunk_size=chunk)
