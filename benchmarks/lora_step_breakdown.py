@@ -51,6 +51,21 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 SHAPE_DEFAULTS = {"smollm2": (30, 4, 256), "tiny": (4, 8, 128)}
 
 
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--shape`` and the ``--layers``, ``--batch-size`` and ``--seq`` that default to the shape's."""
+    parser.add_argument("--shape", choices=tuple(SHAPE_DEFAULTS), default="smollm2")
+    parser.add_argument("--layers", type=int, help="30 (smollm2) or 4 (tiny) unless given")
+    parser.add_argument("--batch-size", type=int, help="4 (smollm2) or 8 (tiny) unless given")
+    parser.add_argument("--seq", type=int, help="256 (smollm2) or 128 (tiny) unless given")
+
+
+def parse_shape_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    for name, default in zip(("layers", "batch_size", "seq"), SHAPE_DEFAULTS[args.shape], strict=True):
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    return args
+
+
 def llama_config(layers: int, shape: str = "smollm2") -> transformers.LlamaConfig:
     if shape == "tiny":
         return cpu_targets.llama_config(layers)
@@ -164,15 +179,10 @@ def matmul_rate(tokens: int, config: transformers.LlamaConfig, calls: int = 20, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=tuple(SHAPE_DEFAULTS), default="smollm2")
-    parser.add_argument("--layers", type=int, help="30 (smollm2) or 4 (tiny) unless given")
-    parser.add_argument("--batch-size", type=int, help="4 (smollm2) or 8 (tiny) unless given")
-    parser.add_argument("--seq", type=int, help="256 (smollm2) or 128 (tiny) unless given")
+    add_shape_arguments(parser)
     parser.add_argument("--loss", choices=("chunked", "full"), default="chunked")
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    for name, default in zip(("layers", "batch_size", "seq"), SHAPE_DEFAULTS[args.shape], strict=True):
-        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    args = parse_shape_arguments(parser)
     rate = matmul_rate(args.batch_size * args.seq, llama_config(1, args.shape))
     seconds = breakdown(args)
     flops = xla_flops(args)

@@ -34,7 +34,7 @@ import jax  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lora_step_breakdown import SHAPE_DEFAULTS, llama_lora  # noqa: E402
+from lora_step_breakdown import add_shape_arguments, llama_lora, parse_shape_arguments  # noqa: E402
 
 import jaxpeft  # noqa: E402
 from jaxpeft import losses, training  # noqa: E402
@@ -111,17 +111,12 @@ def summarise(events: list[dict], names: dict[str, str], steps: int, top: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=tuple(SHAPE_DEFAULTS), default="smollm2")
-    parser.add_argument("--layers", type=int, help="30 (smollm2) or 4 (tiny) unless given")
-    parser.add_argument("--batch-size", type=int, help="4 (smollm2) or 8 (tiny) unless given")
-    parser.add_argument("--seq", type=int, help="256 (smollm2) or 128 (tiny) unless given")
+    add_shape_arguments(parser)
     parser.add_argument("--remat", default="none", help="a remat_policy name, or none")
     parser.add_argument("--unrolled", action="store_true", help="unrolled layers rather than one scanned stack")
     parser.add_argument("--steps", type=int, default=2, help="profiled steps (after two unprofiled ones)")
     parser.add_argument("--top", type=int, default=15)
-    args = parser.parse_args()
-    for name, default in zip(("layers", "batch_size", "seq"), SHAPE_DEFAULTS[args.shape], strict=True):
-        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    args = parse_shape_arguments(parser)
     config, _, model = llama_lora(args.layers, args.shape, scan_layers=not args.unrolled,
                                   remat_policy=None if args.remat == "none" else args.remat)
     _, frozen = jaxpeft.partition(model.params, model.trainable_mask)
