@@ -64,15 +64,19 @@ def median_seconds(run, repeats: int, warmup: int = 2) -> float:
     return interleaved_seconds({"run": run}, repeats, rounds=1, warmup=warmup)["run"][0]
 
 
-def interleaved_seconds(runs: dict, repeats: int, rounds: int = 2, warmup: int = 2) -> dict[str, tuple[float, float]]:
+def interleaved_seconds(runs: dict, repeats: int, rounds: int = 2, warmup: int = 2,
+                        settle: int = 0) -> dict[str, tuple[float, float]]:
     """``{name: (median s, fastest s)}`` of each run, timed in ``rounds`` alternating blocks of ``repeats`` runs, so
-    that load from other jobs on a shared box falls on every run alike."""
+    that load from other jobs on a shared box falls on every run alike. Each block starts with ``settle`` untimed
+    runs, which pay for freeing what the previous block's run left behind."""
     for run in runs.values():
         for _ in range(warmup):
             run()
     times = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
+            for _ in range(settle):
+                run()
             for _ in range(repeats):
                 start = time.perf_counter()
                 run()

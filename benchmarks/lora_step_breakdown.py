@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -118,32 +117,26 @@ def pieces(args, layers: int, **model_options) -> dict[str, tuple]:
 
 
 def runner(name: str, function, arguments):
-    """A call of one row with no arguments; the training step's carries its state from call to call."""
+    """A call of one row with no arguments that waits for its result; the training step's carries its state from
+    call to call."""
     if name != "training step":
-        return lambda: function(*arguments)
+        return lambda: jax.block_until_ready(function(*arguments))
     state, batch = arguments
 
     def step():
         nonlocal state
         state, _ = function(state, batch)
-        return state
+        return jax.block_until_ready(state)
 
     return step
 
 
 def breakdown(args) -> dict[str, float]:
+    """Each row's median seconds. A round runs each row twice and times the second call: the first pays for
+    freeing what the previous row left (7% of a forward on a CPU)."""
     runs = {name: runner(name, *row) for name, row in pieces(args, args.layers).items()}
-    for run in runs.values():
-        for _ in range(2):
-            jax.block_until_ready(run())
-    seconds = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, run in runs.items():
-            jax.block_until_ready(run())  # pays for what the previous row left to free (7% of a forward on a CPU)
-            start = time.perf_counter()
-            jax.block_until_ready(run())
-            seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in seconds.items()}
+    seconds = cpu_targets.interleaved_seconds(runs, repeats=1, rounds=args.rounds, warmup=2, settle=1)
+    return {name: median for name, (median, _) in seconds.items()}
 
 
 def xla_flops(args) -> dict[str, float]:
